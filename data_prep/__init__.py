@@ -1,0 +1,1 @@
+"""Code folders and instruction sets to tokenized, packed training rows."""

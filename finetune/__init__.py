@@ -1,0 +1,1 @@
+"""4-bit loading, LoRA training, merging, generation and evaluation on the kit's model."""

@@ -1,0 +1,205 @@
+"""Checkpoint formats, k-bit loading with LoRA, and the errors a bad checkpoint gives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+from finetune.cli import main as cli
+from model import load_model
+from model.checkpoint import CheckpointError
+from model.testing import write_checkpoint
+
+IDS = torch.randint(3, 32768, (2, 21))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_checkpoint) -> torch.Tensor:
+    return logits(load_model(tiny_checkpoint))
+
+
+def copy_config(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+@pytest.mark.parametrize("shard", [None, "2MB"])
+def test_safetensors_single_and_sharded_load_the_same(tiny_checkpoint, baseline, tmp_path, shard):
+    kwargs = {"max_shard_size": shard} if shard else {}
+    load_model(tiny_checkpoint).save_pretrained(tmp_path, **kwargs)
+    names = {p.name for p in tmp_path.iterdir()}
+    if shard:
+        assert "model.safetensors.index.json" in names
+        assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    else:
+        assert "model.safetensors" in names
+    assert torch.equal(logits(load_model(tmp_path)), baseline)
+
+
+def test_published_config_loads_with_its_remote_code_fields(tiny_checkpoint, real_tokenizer_dir):
+    """The written config carries every architecture field of the real one."""
+    real = json.loads((real_tokenizer_dir / "config.json").read_text())
+    written = json.loads((tiny_checkpoint / "config.json").read_text())
+    for key in ["expansion_ratio", "no_bias", "max_seq_len", "norm_type", "model_type"]:
+        assert written[key] == real[key], key
+    for key in ["alibi", "alibi_bias_max", "clip_qkv", "qk_ln", "softmax_scale", "prefix_lm"]:
+        assert written["attn_config"][key] == real["attn_config"][key], key
+
+
+def test_bf16_load(tiny_checkpoint, baseline):
+    model = load_model(tiny_checkpoint, compute_dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert (logits(model).float() - baseline).abs().max() < 0.1
+
+
+def test_nf4_lora_trains_with_gradient_checkpointing(tiny_checkpoint, baseline):
+    import bitsandbytes as bnb
+
+    model = load_model(tiny_checkpoint, quantization="nf4")
+    assert isinstance(model.transformer.blocks[0].ffn.up_proj, bnb.nn.Linear4bit)
+    assert (logits(model) - baseline).abs().max() < 0.5  # nf4 rounding, same network
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    targets = ["Wqkv", "out_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    model.train()
+    pos = torch.cat([torch.arange(9), torch.arange(12)]).repeat(2, 1)
+    loss = model(input_ids=IDS, position_ids=pos, labels=IDS).loss
+    loss.backward()
+    lora = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert len(lora) == 2 * 4 * 2  # layers x targets x (A, B)
+    assert all(
+        g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in lora.values()
+    )
+
+
+def lora_grads(model, eval_first: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["Wqkv"], init_lora_weights=False))
+    if eval_first:
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=IDS)
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_eval_pass_keeps_gradients_through_4bit_layers(tiny_checkpoint):
+    """REFERENCE's bitsandbytes CPU trap: an eval forward must not cut the base layers' backward."""
+    plain = lora_grads(load_model(tiny_checkpoint, quantization="nf4"), eval_first=False)
+    after_eval = lora_grads(load_model(tiny_checkpoint, quantization="nf4"), eval_first=True)
+    assert plain.keys() == after_eval.keys() and len(plain) == 4
+    for name, g in plain.items():
+        assert torch.allclose(after_eval[name], g, atol=1e-6), name
+
+
+def test_int8_load_runs(tiny_checkpoint, baseline):
+    model = load_model(tiny_checkpoint, quantization="int8")
+    assert (logits(model) - baseline).abs().max() < 0.5
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_weights(tiny_checkpoint, tmp_path):
+    copy_config(tiny_checkpoint, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights.*pytorch_model.bin"):
+        load_model(tmp_path)
+
+
+def test_not_mpt(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"config.json: model_type is 'llama'"):
+        load_model(tmp_path)
+
+
+def small(tmp_path: Path) -> tuple[Path, dict]:
+    path = write_checkpoint(tmp_path, n_layers=1, d_model=32, n_heads=4, vocab=64)
+    return path, torch.load(path / "pytorch_model.bin", weights_only=True)
+
+
+def test_wrong_tensor_name(tmp_path):
+    path, state = small(tmp_path)
+    state["transformer.blocks.0.ffn.mlp_up.weight"] = state.pop(
+        "transformer.blocks.0.ffn.up_proj.weight"
+    )
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: unexpected tensor .*mlp_up"):
+        load_model(path)
+
+
+def test_missing_tensor(tmp_path):
+    path, state = small(tmp_path)
+    del state["transformer.norm_f.weight"]
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"missing tensor 'transformer.norm_f.weight'"):
+        load_model(path)
+
+
+def test_wrong_shape(tmp_path):
+    path, state = small(tmp_path)
+    state["transformer.blocks.0.attn.Wqkv.weight"] = torch.zeros(64, 32)
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(
+        CheckpointError,
+        match=r"'transformer.blocks.0.attn.Wqkv.weight' has shape \[64, 32\].*\[96, 32\]",
+    ):
+        load_model(path)
+
+
+def test_truncated_bin(tmp_path):
+    path, _ = small(tmp_path)
+    data = (path / "pytorch_model.bin").read_bytes()
+    (path / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        CheckpointError, match=r"pytorch_model.bin: unreadable, truncated or corrupt"
+    ):
+        load_model(path)
+
+
+def test_truncated_safetensors(tiny_checkpoint, tmp_path):
+    load_model(tiny_checkpoint).save_pretrained(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: unreadable, truncated or corrupt"
+    ):
+        load_model(tmp_path)
+
+
+def test_missing_shard(tiny_checkpoint, tmp_path):
+    load_model(tiny_checkpoint).save_pretrained(tmp_path, max_shard_size="2MB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{shard.name}, which is missing"):
+        load_model(tmp_path)
+
+
+def test_bad_options(tiny_checkpoint):
+    with pytest.raises(ValueError, match="quantization"):
+        load_model(tiny_checkpoint, quantization="nf3")
+    with pytest.raises(ValueError, match="attn_impl"):
+        load_model(tiny_checkpoint, attn_impl="triton")
+    with pytest.raises(ValueError, match="CUDA"):
+        load_model(tiny_checkpoint, attn_impl="flash")
+
+
+def test_cli_inspect(tiny_checkpoint, tmp_path, capsys):
+    cli(["inspect", str(tiny_checkpoint)])
+    out = capsys.readouterr().out
+    assert "layers       2  d_model 192  heads 6" in out and "tokenizer spiece.model" in out
+    with pytest.raises(SystemExit, match="replit-ft inspect: .*config.json"):
+        cli(["inspect", str(tmp_path)])
