@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from model.checkpoint import check_weights, expected_shapes, read_config, resolve_checkpoint
 
@@ -24,16 +28,80 @@ def inspect_checkpoint(args: argparse.Namespace) -> None:
     print(f"max_seq_len  {config.max_seq_len}")
 
 
+def prep(args: argparse.Namespace) -> None:
+    """Prepare a packed dataset from a recipe's `data:` section and/or flags, then report it."""
+    from data_prep.prepare import PrepConfig, prepare
+    from data_prep.report import summary
+
+    settings: dict[str, Any] = {}
+    if args.recipe:
+        recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
+        settings = dict(recipe.get("data") or {})
+        if "tokenizer" not in settings and (recipe.get("model") or {}).get("name"):
+            settings["tokenizer"] = recipe["model"]["name"]
+    flags = {
+        "code": args.code,
+        "instructions": args.instructions,
+        "format": args.format,
+        "tokenizer": args.tokenizer,
+        "seq_len": args.seq_len,
+        "out": args.out,
+        "include": args.include,
+        "exclude": args.exclude,
+        "max_file_bytes": args.max_file_bytes,
+        "path_header": args.path_header or None,
+        "skip_bad": args.skip_bad or None,
+        "packed": False if args.no_pack else None,
+        "validation_fraction": args.validation_fraction,
+        "seed": args.seed,
+    }
+    settings |= {k: v for k, v in flags.items() if v is not None}
+    if "out" not in settings:
+        sys.exit("replit-ft prep: say where to write the dataset: --out DIR (or data.out)")
+    result = prepare(PrepConfig.from_dict(settings), progress=not args.quiet)
+    print(summary(result))
+
+
+def train(args: argparse.Namespace) -> None:
+    from finetune.train import main as train_main
+
+    train_main([args.recipe, *args.overrides])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="replit-ft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="check a checkpoint's files and describe it")
     inspect.add_argument("checkpoint", help="local directory or hub id")
     inspect.set_defaults(run=inspect_checkpoint)
+
+    p = commands.add_parser("prep", help="code folders / instruction sets to a packed dataset")
+    p.add_argument("recipe", nargs="?", help="YAML recipe whose data: section to use")
+    p.add_argument("--code", nargs="+", metavar="PATH", help="folders, git repos, files, globs")
+    p.add_argument("--instructions", nargs="+", metavar="FILE", help="jsonl/json/csv/parquet")
+    p.add_argument("--format", choices=["auto", "alpaca", "prompt_completion", "messages", "text"])
+    p.add_argument("--tokenizer", metavar="NAME_OR_PATH", help="default: the recipe's model")
+    p.add_argument("--seq-len", type=int, metavar="N")
+    p.add_argument("--out", metavar="DIR")
+    p.add_argument("--include", nargs="+", metavar="GLOB")
+    p.add_argument("--exclude", nargs="+", metavar="GLOB")
+    p.add_argument("--max-file-bytes", type=int, metavar="N")
+    p.add_argument("--path-header", action="store_true", help="put each file's path on top")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+    p.add_argument("--no-pack", action="store_true", help="one document per padded row")
+    p.add_argument("--validation-fraction", type=float, metavar="F")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=prep)
+
+    t = commands.add_parser("train", help="train LoRA adapters from a recipe")
+    t.add_argument("recipe", help="YAML recipe (see recipes/)")
+    t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
+    t.set_defaults(run=train)
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         sys.exit(f"replit-ft {args.command}: {err}")
 
 

@@ -1,0 +1,189 @@
+"""End to end data preparation with the real spiece.model: rows against SentencePiece itself."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from datasets import DatasetDict
+
+from data_prep.prepare import PrepConfig, prepare
+from finetune.cli import main as cli
+
+CODE = {
+    "pkg/a.py": "def add(a, b):\n    return a + b\n" * 40,
+    "pkg/b.js": "const x = '<|endoftext|>';\nconsole.log(x);\n",
+    "pkg/c.md": "# Title\n\n\tindented\r\n",
+    "pkg/dup.py": "def add(a, b):\n    return a + b\n" * 40,
+    "pkg/ignored.py": "SECRET = 1\n",
+    "pkg/blob.c": "int x;\0\0binary",
+}
+RECORDS = [
+    {"instruction": "Reverse a list.", "input": "", "output": "xs[::-1]"},
+    {"instruction": "Add.", "input": "a=1, b=2", "output": "a + b"},
+    {"instruction": "Nothing.", "output": "   "},
+]
+
+
+@pytest.fixture
+def sources(tmp_path) -> tuple[Path, Path]:
+    repo = tmp_path / "repo"
+    for name, text in CODE.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(text.encode())
+    (repo / ".gitignore").write_text("pkg/ignored.py\n")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    jsonl = tmp_path / "instr.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    return repo, jsonl
+
+
+def config(tmp_path: Path, sources, tokenizer: Path, **kw) -> PrepConfig:
+    repo, jsonl = sources
+    settings = dict(
+        out=str(tmp_path / "out"),
+        tokenizer=str(tokenizer),
+        seq_len=64,
+        code=[str(repo)],
+        instructions=[str(jsonl)],
+        validation_fraction=0.25,
+    )
+    return PrepConfig(**(settings | kw))
+
+
+def runs(row: dict) -> list[tuple[list[int], list[int]]]:
+    pos = np.asarray(row["position_ids"])
+    starts = [*np.flatnonzero(pos == 0), len(pos)]
+    ids, labels = np.asarray(row["input_ids"]), np.asarray(row["labels"])
+    return [(ids[s:e].tolist(), labels[s:e].tolist()) for s, e in itertools.pairwise(starts)]
+
+
+def expected_pieces(sp, docs: list[tuple[str, str]], seq_len: int):
+    """(ids, labels) of every seq_len piece of every document, straight from SentencePiece."""
+    pieces = []
+    for prompt, completion in docs:
+        p, c = sp.encode(prompt), sp.encode(completion)
+        ids = p + c + [1]
+        labels = [-100] * len(p) + c + [1]
+        pieces += [
+            (ids[s : s + seq_len], labels[s : s + seq_len]) for s in range(0, len(ids), seq_len)
+        ]
+    return pieces
+
+
+def test_rows_hold_every_document_exactly_once(tmp_path, sources, real_tokenizer_dir):
+    result = prepare(config(tmp_path, sources, real_tokenizer_dir), progress=False)
+    data = result.load()
+    assert isinstance(data, DatasetDict) and set(data) == {"train", "validation"}
+    sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_dir / "spiece.model"))
+    docs = [(CODE["pkg/a.py"], ""), (CODE["pkg/b.js"], ""), (CODE["pkg/c.md"], "")]
+    docs = [("", text) for text, _ in docs] + [
+        ("### Instruction:\nReverse a list.\n\n### Response:\n", "xs[::-1]"),
+        ("### Instruction:\nAdd.\n\n### Input:\na=1, b=2\n\n### Response:\n", "a + b"),
+    ]
+    found = []
+    for split in data.values():
+        for row in split:
+            assert len(row["input_ids"]) == 64
+            found += runs(row)
+    padding = [r for r in found if set(r[0]) == {2} and set(r[1]) == {-100}]
+    real = sorted(r for r in found if r not in padding)
+    assert real == sorted(expected_pieces(sp, docs, 64))  # each piece once, tokens in order
+    m = result.manifest
+    assert m["skipped"] == {
+        "code: binary": 1,
+        "code: duplicate": 1,
+        "code: type": 1,  # .gitignore
+        "instructions: empty response": 1,
+    }
+    assert sum(s["documents"] for s in m["splits"].values()) == 5
+    assert m["splits"]["validation"]["documents"] == 1
+    tokens = sum(len(ids) for ids, _ in real)
+    assert sum(s["tokens"] for s in m["splits"].values()) == tokens
+    eff = m["splits"]["train"]["packing_efficiency"]
+    assert eff == round(m["splits"]["train"]["tokens"] / (64 * m["splits"]["train"]["rows"]), 4)
+    assert m["tokenizer"]["sha256"].startswith("7e1ba8b7")
+
+
+def test_second_run_reuses_and_a_change_redoes(tmp_path, sources, real_tokenizer_dir):
+    cfg = config(tmp_path, sources, real_tokenizer_dir)
+    first = prepare(cfg, progress=False)
+    assert not first.reused
+    assert prepare(cfg, progress=False).reused
+    (sources[0] / "pkg/c.md").write_text("# Changed\n")
+    again = prepare(cfg, progress=False)
+    assert not again.reused and again.manifest["fingerprint"] != first.manifest["fingerprint"]
+    cfg.seq_len = 32
+    assert not prepare(cfg, progress=False).reused
+
+
+def test_same_inputs_same_rows(tmp_path, sources, real_tokenizer_dir):
+    a = prepare(
+        config(tmp_path, sources, real_tokenizer_dir, out=str(tmp_path / "a")), progress=False
+    )
+    b = prepare(
+        config(tmp_path, sources, real_tokenizer_dir, out=str(tmp_path / "b")), progress=False
+    )
+    for split in ("train", "validation"):
+        assert a.load()[split].to_dict() == b.load()[split].to_dict()
+
+
+def test_unpacked_rows_hold_one_document_each(tmp_path, sources, real_tokenizer_dir):
+    result = prepare(config(tmp_path, sources, real_tokenizer_dir, packed=False), progress=False)
+    for row in result.load()["train"]:
+        first, *rest = runs(row)
+        assert all(set(ids) == {2} for ids, _ in rest)
+
+
+def test_failed_write_keeps_the_old_dataset(tmp_path, sources, real_tokenizer_dir, monkeypatch):
+    cfg = config(tmp_path, sources, real_tokenizer_dir)
+    before = prepare(cfg, progress=False).manifest
+    cfg.seq_len = 32
+
+    def crash(self, path, **kw):
+        Path(path).mkdir(parents=True)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", crash)
+    with pytest.raises(OSError, match="disk full"):
+        prepare(cfg, progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == before
+
+
+def test_malformed_line_names_file_and_line(tmp_path, sources, real_tokenizer_dir):
+    sources[1].write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"instr.jsonl:2"):
+        prepare(config(tmp_path, sources, real_tokenizer_dir), progress=False)
+    cfg = config(tmp_path, sources, real_tokenizer_dir, skip_bad=True)
+    assert prepare(cfg, progress=False).manifest["skipped"]["instructions: malformed json"] == 1
+
+
+def test_empty_result_says_which_filters_removed_everything(tmp_path, sources, real_tokenizer_dir):
+    cfg = config(tmp_path, sources, real_tokenizer_dir, instructions=[], include=["*.txt"])
+    with pytest.raises(
+        ValueError, match=r"no documents left.*6 files under .*repo; skipped: 6 code: type"
+    ):
+        prepare(cfg, progress=False)
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ValueError, match=r"unknown data settings \['seq_length'\]"):
+        PrepConfig.from_dict({"out": "x", "seq_length": 10})
+
+
+def test_cli_prep_prints_a_summary(tmp_path, sources, real_tokenizer_dir, capsys):
+    repo, jsonl = sources
+    out = tmp_path / "cli"
+    argv = ["prep", "--code", str(repo), "--instructions", str(jsonl), "--quiet"]
+    argv += ["--tokenizer", str(real_tokenizer_dir), "--seq-len", "64", "--out", str(out)]
+    cli(argv)
+    text = capsys.readouterr().out
+    assert f"dataset  {out}" in text and "train" in text and "binary" in text
+    assert (out / "manifest.json").is_file()
+    cli(argv)
+    assert "reused" in capsys.readouterr().out
