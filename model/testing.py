@@ -70,12 +70,13 @@ def write_checkpoint(
     vocab: int = 32768,
     tokenizer: str | os.PathLike | Iterable[str] | None = None,
     seed: int = 0,
+    std: float = 0.02,
 ) -> Path:
     """Write a random checkpoint in the published layout to `path` and return it.
 
     tokenizer: a directory or file holding the real `spiece.model` (copied with its
     JSON files), or texts to train a small SentencePiece model of `vocab` pieces on,
-    or None for no tokenizer files. Weights are N(0, 0.02), norms 1, fp32, generated
+    or None for no tokenizer files. Weights are N(0, std), norms 1, fp32, generated
     tensor by tensor from `seed`.
     """
     path = Path(path)
@@ -93,7 +94,7 @@ def write_checkpoint(
         if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
             state[name] = torch.ones(shape)
         else:
-            state[name] = torch.randn(shape, generator=gen).mul_(0.02)
+            state[name] = torch.randn(shape, generator=gen).mul_(std)
     torch.save(state, path / "pytorch_model.bin")
     return path
 

@@ -1,0 +1,69 @@
+"""The model a recipe trains: the kit's network in k-bit (or full precision) with peft LoRA."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+from finetune.recipe import LoraSection, ModelSection
+from model import load_model
+from model.checkpoint import read_config, resolve_checkpoint
+
+TARGETS = ("Wqkv", "out_proj", "up_proj", "down_proj")
+
+
+def lora_config(lora: LoraSection) -> LoraConfig:
+    """peft's LoraConfig for the recipe's section; targets must be MPT projection names."""
+    if unknown := sorted(set(lora.targets) - set(TARGETS)):
+        raise ValueError(
+            f"lora.targets {unknown} match no layer of replit-code-v1-3b; use {', '.join(TARGETS)}"
+            " (mlp_up/mlp_down belong to its first release)"
+        )
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        use_rslora=lora.rslora,
+        use_dora=lora.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_model(
+    section: ModelSection,
+    lora: LoraSection,
+    *,
+    seq_len: int,
+    device: torch.device,
+    gradient_checkpointing: bool,
+) -> PeftModel:
+    """Load the base for training at `seq_len` tokens and wrap it with fresh LoRA adapters.
+
+    The context is raised to `seq_len` when it is longer than the base's. k-bit bases
+    go through peft's preparation (norms and embeddings in fp32, input gradients on);
+    activation checkpointing uses the non-reentrant form, which works with LoRA on a
+    frozen 4-bit base.
+    """
+    base_len = read_config(resolve_checkpoint(section.name)).max_seq_len
+    model = load_model(
+        section.name,
+        quantization=section.quantization,
+        compute_dtype=section.compute_dtype,
+        max_seq_len=max(seq_len, base_len),
+        attn_impl=section.attn_impl,
+        device=device,
+    )
+    checkpointing = {"use_reentrant": False}
+    if section.quantization:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    return get_peft_model(model, lora_config(lora))
