@@ -239,7 +239,8 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    data.save_to_disk(str(tmp))
+    # One shard per split even when a split is empty: datasets cannot reload zero shards.
+    data.save_to_disk(str(tmp), num_shards={name: 1 for name in data})
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

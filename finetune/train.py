@@ -23,6 +23,7 @@ choosing only complete checkpoints to resume from, and the summary and plot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,8 +35,15 @@ from typing import Any
 import torch
 import yaml
 from accelerate import PartialState
+from peft import get_peft_model_state_dict
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import (
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from data_prep.code import collect_code
@@ -71,6 +79,7 @@ def train(recipe: Recipe) -> Path:
     data.set_format("torch")
 
     device = torch.device(cfg.device) if cfg.device else state.device
+    set_seed(cfg.seed)  # LoRA's initial A matrices come from the global generator
     model = build_model(
         recipe.model,
         recipe.lora,
@@ -133,6 +142,7 @@ def train(recipe: Recipe) -> Path:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapter = out / "adapter"
     trainer.save_model(str(adapter))
+    digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
     if state.is_main_process:
         summary = {
             "train_loss": result.training_loss,
@@ -142,10 +152,29 @@ def train(recipe: Recipe) -> Path:
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "seq_len": data_cfg.seq_len,
             "resumed_from": str(resume) if resume else None,
+            "adapter_sha256_per_rank": digests,
         }
         write_report(out, trainer.state.log_history, summary)
     state.wait_for_everyone()
     return adapter
+
+
+def adapter_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over an adapter's tensors in name order: equal digests, identical adapters."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _gather(value: str) -> list[str]:
+    """`value` from every rank (DDP must have kept the adapters identical)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 def newest_checkpoint(out: Path) -> Path | None:
