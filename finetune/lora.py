@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -31,6 +33,14 @@ def lora_config(lora: LoraSection) -> LoraConfig:
     )
 
 
+def _sharded_training() -> bool:
+    """FSDP or DeepSpeed launched by accelerate: 4-bit weights must share the compute dtype."""
+    return any(
+        os.environ.get(flag, "false").lower() == "true"
+        for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
+
+
 def build_model(
     section: ModelSection,
     lora: LoraSection,
@@ -54,6 +64,7 @@ def build_model(
         max_seq_len=max(seq_len, base_len),
         attn_impl=section.attn_impl,
         device=device,
+        quant_storage=(section.compute_dtype or "bf16") if _sharded_training() else None,
     )
     checkpointing = {"use_reentrant": False}
     if section.quantization:

@@ -39,6 +39,7 @@ def load_model(
     max_seq_len: int | None = None,
     attn_impl: str = "auto",
     device: str | torch.device | None = None,
+    quant_storage: str | torch.dtype | None = None,
 ) -> ReplitForCausalLM:
     """Load replit-code-v1-3b (or a checkpoint in its layout) with no remote code.
 
@@ -49,6 +50,8 @@ def load_model(
         depends on it).
     attn_impl: "auto" (fastest here), "eager", "sdpa", "flash" or "flex".
     device: default CUDA when available, else CPU.
+    quant_storage: dtype the packed 4-bit weights are stored in (default uint8); FSDP
+        and DeepSpeed ZeRO-3 need it equal to the compute dtype to shard them.
 
     The checkpoint's names and shapes are checked first, so a bad file fails with a
     message naming it; weights then stream tensor by tensor into the target dtype or
@@ -74,6 +77,7 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=parse_dtype(quant_storage) if quant_storage else torch.uint8,
         )
     elif quantization == "int8":
         quant = BitsAndBytesConfig(load_in_8bit=True)

@@ -75,7 +75,7 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), None, self.eps)
 
 
-class Block(GradientCheckpointingLayer):
+class ReplitBlock(GradientCheckpointingLayer):
     """Pre-norm block: `x += attn(norm_1(x)); x += ffn(norm_2(x))`."""
 
     def __init__(self, config: MptConfig, layer_idx: int):
@@ -98,7 +98,7 @@ class Transformer(nn.Module):
     def __init__(self, config: MptConfig):
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(ReplitBlock(config, i) for i in range(config.n_layers))
         self.norm_f = LayerNorm(config.d_model, config.layer_norm_epsilon)
 
 
@@ -112,7 +112,7 @@ class ReplitForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = MptConfig
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Block"]
+    _no_split_modules = ["ReplitBlock"]
 
     def __init__(self, config: MptConfig):
         super().__init__(config)

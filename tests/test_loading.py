@@ -104,6 +104,14 @@ def test_eval_pass_keeps_gradients_through_4bit_layers(tiny_checkpoint):
         assert torch.allclose(after_eval[name], g, atol=1e-6), name
 
 
+def test_nf4_stored_in_compute_dtype_for_sharding(tiny_checkpoint):
+    """FSDP/ZeRO-3 shard the 4-bit weights only when they are stored in the compute dtype."""
+    packed = load_model(tiny_checkpoint, quantization="nf4")
+    stored = load_model(tiny_checkpoint, quantization="nf4", quant_storage="bf16")
+    assert stored.transformer.blocks[0].attn.Wqkv.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(stored), logits(packed))
+
+
 def test_int8_load_runs(tiny_checkpoint, baseline):
     model = load_model(tiny_checkpoint, quantization="int8")
     assert (logits(model) - baseline).abs().max() < 0.5

@@ -179,3 +179,27 @@ def test_two_processes_end_with_identical_adapters(tmp_path, base):
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.1)
     assert sorted(config["target_modules"]) == ["Wqkv", "down_proj", "up_proj"]
     assert summary["steps"] == 4
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.data.seq_len >= 256 and recipe.lora.targets
+    assert set(recipe.lora.targets) <= {"Wqkv", "out_proj", "up_proj", "down_proj"}
+
+
+def test_accelerate_configs_wrap_the_kits_blocks():
+    from model.modeling import ReplitForCausalLM
+
+    configs = {
+        p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "recipes/accelerate").glob("*.yaml")
+    }
+    assert set(configs) == {
+        "single_gpu.yaml",
+        "ddp.yaml",
+        "fsdp_qlora.yaml",
+        "deepspeed_zero3.yaml",
+    }
+    fsdp = configs["fsdp_qlora.yaml"]["fsdp_config"]
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] in ReplitForCausalLM._no_split_modules
+    assert configs["deepspeed_zero3.yaml"]["deepspeed_config"]["zero_stage"] == 3
