@@ -7,8 +7,8 @@ it, which crashes on transformers >= 4.34.
 Why SentencePiece underneath rather than a `tokenizers` (Rust) Unigram: no Rust Unigram can give
 the same ids. sentencepiece 0.2's encoder keeps Viterbi path scores in float32, so near-ties are
 settled by rounding that depends on everything before them in the document: the same line can
-split differently after 100 or 10,000 characters (e.g. 24 spaces + "new" vs 23 spaces + "▁new",
-or a 33-space run as 4+29 or 2+31). `tokenizers` sums in float64. Its `Precompiled` normalizer
+split differently after 100 or 10,000 characters (24 spaces + "new" or 23 spaces + "▁new"; a
+40-space run as 8+32, 10+30 or 9+31). `tokenizers` sums in float64. Its `Precompiled` normalizer
 also maps a whole grapheme cluster through its shortest charsmap match, dropping combining marks
 that follow a mapped character (sentencepiece takes the longest match). So `ReplitTokenizer`
 calls `SentencePieceProcessor` (C++, and a list of texts goes in one multi-threaded call), and
@@ -28,7 +28,7 @@ from typing import Any
 import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizer
-from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy
+from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy, TruncationStrategy
 
 SPM_FILE = "spiece.model"
 TOKENIZERS_FILE = "tokenizer.json"
@@ -159,10 +159,14 @@ class ReplitTokenizer(PreTrainedTokenizer):
             return super()._encode_plus(text, text_pair, **kwargs)
         if isinstance(text, str):
             return self._prepare(self.sp_model.encode(text), kwargs, single=True)
-        outputs: dict[str, list] = {}
-        for ids in self.sp_model.encode(list(text)):
-            for key, value in self._prepare(ids, kwargs, single=False).items():
-                outputs.setdefault(key, []).append(value)
+        batch = self.sp_model.encode(list(text))
+        outputs: dict[str, list] = {"input_ids": batch}
+        # Nothing to add or cut (the usual data-prep call): skip the per-text Python work.
+        if not self._nothing_to_prepare(kwargs):
+            outputs = {}
+            for ids in batch:
+                for key, value in self._prepare(ids, kwargs, single=False).items():
+                    outputs.setdefault(key, []).append(value)
         outputs = self.pad(
             outputs,
             padding=kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value,
@@ -172,6 +176,14 @@ class ReplitTokenizer(PreTrainedTokenizer):
             return_attention_mask=kwargs.get("return_attention_mask"),
         )
         return BatchEncoding(outputs, tensor_type=kwargs.get("return_tensors"))
+
+    @staticmethod
+    def _nothing_to_prepare(kwargs: dict[str, Any]) -> bool:
+        """No truncation and no extra outputs: `prepare_for_model` would return the ids as is."""
+        truncation = kwargs.get("truncation_strategy", TruncationStrategy.DO_NOT_TRUNCATE)
+        extras = ("return_token_type_ids", "return_overflowing_tokens")
+        extras += ("return_special_tokens_mask", "return_length")
+        return truncation == TruncationStrategy.DO_NOT_TRUNCATE and not any(map(kwargs.get, extras))
 
     def _prepare(self, ids: list[int], kwargs: dict[str, Any], single: bool) -> BatchEncoding:
         """Special tokens (none), truncation and, for a single text, padding: as the parent."""
@@ -232,6 +244,8 @@ class ReplitTokenizer(PreTrainedTokenizer):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
         """Save for `load_tokenizer` (exact) and plain `AutoTokenizer` (tokenizer.json,
         approximate; see the module docstring), with no `auto_map` to remote code."""
+        if kwargs.get("push_to_hub"):  # it would upload before the config below is fixed
+            raise ValueError("save_pretrained(push_to_hub=True): use push_to_hub(repo_id)")
         files = super().save_pretrained(save_directory, **kwargs)
         prefix = kwargs.get("filename_prefix")
         config_file = Path(save_directory) / ((f"{prefix}-" if prefix else "") + CONFIG_FILE)
@@ -267,6 +281,7 @@ def rust_backend(model_proto: bytes) -> Tokenizer:
     """spiece.model as a `tokenizers` Unigram: the closest a Rust tokenizer gets (see top)."""
     pieces, charsmap = _read_model_proto(model_proto)
     lowest = min(score for _, score, kind in pieces if kind == NORMAL)
+    unk_id = next(i for i, (_, _, kind) in enumerate(pieces) if kind == UNKNOWN)
     vocab = []
     for piece, score, kind in pieces:
         if kind == USER_DEFINED:
@@ -274,7 +289,7 @@ def rust_backend(model_proto: bytes) -> Tokenizer:
         elif kind != NORMAL:  # UNK, EOS, PAD: reachable by id, never by matching text
             score = lowest - 1000
         vocab.append((piece, score))
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=unk_id, byte_fallback=False))
     # Escape the protected characters around the charsmap, escaping the escape itself first.
     escapes = [(ESCAPE, ESCAPE + "0")] + [(c, f"{ESCAPE}{i}") for i, c in enumerate(PROTECTED, 1)]
     tokenizer.normalizer = normalizers.Sequence(
@@ -284,7 +299,7 @@ def rust_backend(model_proto: bytes) -> Tokenizer:
         + [normalizers.Replace(" ", "▁")]
     )
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.Replace(pieces[0][0], " ⁇ ")]
+        [decoders.Replace("▁", " "), decoders.Replace(pieces[unk_id][0], " ⁇ ")]
     )
     return tokenizer
 
