@@ -68,6 +68,50 @@ def train(args: argparse.Namespace) -> None:
     train_main([args.recipe, *args.overrides])
 
 
+def merge(args: argparse.Namespace) -> None:
+    from finetune.merge import merge as merge_adapter
+
+    merge_adapter(
+        args.adapter,
+        args.out,
+        base=args.base,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Stream a single prompt's completion; print a batch's completions with `---` between."""
+    from finetune.generate import generate as complete
+    from finetune.generate import load_for_generation, read_prompts
+
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+    model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)
+    started: set[int] = set()
+
+    def show(index: int, text: str) -> None:
+        if index not in started:
+            print("\n---\n" if started else "", end="")
+            started.add(index)
+        print(text, end="", flush=True)
+
+    complete(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=[s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop],
+        seed=args.seed,
+        batch_size=args.batch_size,
+        on_text=show,
+    )
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="replit-ft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +142,37 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("recipe", help="YAML recipe (see recipes/)")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
     t.set_defaults(run=train)
+
+    m = commands.add_parser("merge", help="merge a LoRA adapter into its base: a plain checkpoint")
+    m.add_argument("--adapter", required=True, metavar="DIR", help="peft adapter folder")
+    m.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint")
+    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    m.add_argument("--base", metavar="NAME_OR_PATH", help="default: the adapter's base")
+    m.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard above it")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.set_defaults(run=merge)
+
+    g = commands.add_parser("generate", help="complete prompts (streamed when there is one)")
+    g.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
+    g.add_argument("--adapter", metavar="DIR", help="LoRA adapter to apply to --model")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", metavar="TEXT", help="repeatable")
+    source.add_argument(
+        "--prompt-file", metavar="F", help='*.jsonl ({"prompt": ...} per line) or --- separated'
+    )
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    g.add_argument("--temperature", type=float, default=0.2, metavar="T", help="0: greedy")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1: off")
+    g.add_argument("--top-k", type=int, default=4, metavar="K", help="0: off")
+    g.add_argument("--seed", type=int, metavar="N")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="repeatable; \\n escapes"
+    )
+    g.add_argument("--batch-size", type=int, default=8, metavar="N")
+    g.add_argument(
+        "--attn-impl", default="auto", choices=["auto", "eager", "sdpa", "flash", "flex"]
+    )
+    g.set_defaults(run=generate)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -1,0 +1,169 @@
+"""`merge`: a trained LoRA adapter folded into its base, written as a plain transformers checkpoint.
+
+The output loads with `model.load_model` and with `AutoModelForCausalLM.from_pretrained`
+(transformers' own `MptForCausalLM`, no remote code): config.json (model_type mpt, the
+context the adapter was trained at), safetensors weights (sharded with an index above
+`max_shard_size`), the tokenizer, generation_config.json and a model card carrying the
+training summary and the CC BY-SA 4.0 attribution the base model's license asks for.
+
+The merge happens in fp32 on a full-precision base, never on a 4-bit one (peft's
+`merge_and_unload` on a 4-bit base re-quantizes the merged weights). The folder is
+written under a temporary name beside the target and renamed at the end, so a failed
+merge leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from finetune.adapter import Adapter, check_adapter
+from finetune.model_card import dtype_name, model_card
+from model import ReplitForCausalLM, load_model, load_tokenizer
+from model.checkpoint import weight_files
+from model.loading import parse_dtype
+
+
+def merge(
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = "bf16",
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Merge a LoRA adapter into its base and write the checkpoint to `out`; return `out`.
+
+    base: default the adapter's base_model_name_or_path. dtype: of the written weights
+    (the merge itself is computed in fp32). max_shard_size: weights above it are split
+    into shards with an index. overwrite: replace a non-empty `out`.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    info = check_adapter(adapter, base)
+    _check_out(out, overwrite, [info.path, info.base_path])
+    out_dtype = parse_dtype(dtype)
+    tokenizer = load_tokenizer(info.base_path)  # before the long load: a base without one fails now
+    say = _progress(progress)
+
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        say(f"loading {info.base} ({dtype_name(out_dtype)}, max_seq_len {info.max_seq_len})")
+        # On CPU even beside a GPU: the fp32 originals are read there, and the merge is
+        # a few matrix products per layer.
+        model = load_model(
+            info.base_path, compute_dtype=out_dtype, max_seq_len=info.max_seq_len, device="cpu"
+        )
+        model = _merge_in_fp32(model, info, out_dtype, progress)
+        say(f"writing {out}")
+        model.generation_config = GenerationConfig(
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        _plain_mpt_config(tmp / "config.json")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"done in {time.perf_counter() - started:.0f} s: {out}")
+    return out
+
+
+def _merge_in_fp32(
+    model: ReplitForCausalLM, info: Adapter, dtype: torch.dtype, progress: bool
+) -> ReplitForCausalLM:
+    """peft merges each LoRA layer into the base weight as stored, in fp32, then casts to `dtype`.
+
+    Hand-written around peft's own per-layer `merge()` for memory and precision: the model
+    is loaded in the output dtype (5.2 GB in bf16, not 10.4 GB in fp32), and each target
+    weight is swapped for its fp32 original from the checkpoint just before its merge, so
+    the result is round(W + BA * scale) rather than a sum of two rounded terms.
+    """
+    peft_model = PeftModel.from_pretrained(model, str(info.path))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    with _original_weights(info.base_path) as original:
+        for name, layer in tqdm(layers, desc="merge", unit="layer", disable=not progress):
+            weight = layer.get_base_layer().weight
+            weight.data = original(f"{name}.weight").to(torch.float32, copy=True)
+            layer.merge(safe_merge=True)  # safe: refuses weights that became NaN or inf
+            weight.data = weight.data.to(dtype)
+    return peft_model.unload()
+
+
+@contextmanager
+def _original_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor]]:
+    """`with _original_weights(path) as read: read(name)`: one base tensor as stored, on demand."""
+    readers: dict[str, Callable[[], torch.Tensor]] = {}
+    with ExitStack() as stack:
+        for file in weight_files(path):
+            if file.suffix == ".safetensors":
+                handle = stack.enter_context(safe_open(file, framework="pt"))
+                readers |= {k: (lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()}
+            else:  # mmap: each tensor is read from the page cache when used, not all at once
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                readers |= {k: (lambda v=v: v) for k, v in state.items()}
+        yield lambda name: readers[name]()
+
+
+def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{out}: not empty; refusing to overwrite it (--overwrite replaces it)"
+        )
+    for path in inputs:
+        if out.resolve() in (path.resolve(), *path.resolve().parents):
+            raise ValueError(f"{out}: holds {path}, which this merge reads; write elsewhere")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished folder in; an existing `out` is replaced only once `tmp` is complete."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+    if old is not None:
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _plain_mpt_config(file: Path) -> None:
+    """Point config.json at transformers' MptForCausalLM, with no auto_map to remote code."""
+    config = json.loads(file.read_text())
+    config.pop("auto_map", None)
+    config["architectures"] = ["MptForCausalLM"]
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    return say
