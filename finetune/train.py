@@ -24,6 +24,7 @@ choosing only complete checkpoints to resume from, and the summary and plot.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -65,6 +66,8 @@ def train(recipe: Recipe) -> Path:
         raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
     if cfg.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
         raise ValueError("train.optimizer=paged_adamw_8bit needs CUDA; use adamw on CPU")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ValueError("train.wandb=true needs wandb: pip install wandb")
     if cfg.schedule not in ("cosine", "linear"):
         raise ValueError(f"train.schedule must be cosine or linear, got {cfg.schedule!r}")
     data_cfg = recipe.data
