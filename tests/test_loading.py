@@ -57,6 +57,14 @@ def test_published_config_loads_with_its_remote_code_fields(tiny_checkpoint, rea
         assert written["attn_config"][key] == real["attn_config"][key], key
 
 
+def test_cpu_load_flushes_denormals(tiny_checkpoint):
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-30])
+    assert (tiny * 1e-10).item() != 0.0
+    load_model(tiny_checkpoint)
+    assert (tiny * 1e-10).item() == 0.0
+
+
 def test_bf16_load(tiny_checkpoint, baseline):
     model = load_model(tiny_checkpoint, compute_dtype="bf16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
