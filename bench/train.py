@@ -52,10 +52,13 @@ How: every (model, length) runs in its own subprocess, so peak memory is its own
     other processes took ("others' CPU", in cores), so a disturbed figure shows as such.
 The issue's targets, at 2048 tokens: ours >= 1.5x the baseline's tokens/s and <= 0.5 of
 its step peak memory. GB = 1e9 bytes. The machine is shared: figures are medians but
-still noisy; the load average is printed beside them.
+still noisy; the load average is printed beside them. RSS also counts freed memory that
+glibc keeps in its heap (measured: about 0.45 GB of ours' 1.2-1.3 GB step peak at 2048);
+prefix the command with `MALLOC_MMAP_THRESHOLD_=131072` (both sides) to measure closer
+to live memory.
 
-Commands (from the repository root; about 20-30 min with the defaults, most of it the
-long-context steps):
+Commands (from the repository root; about 20 min with the defaults on a quiet 2-core
+machine, 8-9 of them ours' one step at 16384 tokens):
     .venv/bin/python bench/train.py
     .venv/bin/python bench/train.py --repeats 3 --max-context-lengths 2048 4096 8192 16384
     .venv/bin/python bench/train.py --max-context-lengths none      # speed and memory only
