@@ -48,48 +48,33 @@ import argparse
 import gc
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from bench.common import (
-        GB,
-        PeakSampler,
-        available_memory_bytes,
-        checkpoint_bytes,
-        emit_result,
-        ensure_repo_on_path,
-        format_table,
-        gb,
-        malloc_trim,
-        median,
-        prepare_checkpoint,
-        proc_status_bytes,
-        psutil_rss_bytes,
-        reset_peak_rss,
-        ru_maxrss_bytes,
-        run_worker,
-    )
-except ImportError:  # run as `python bench/attention.py`: bench/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        GB,
-        PeakSampler,
-        available_memory_bytes,
-        checkpoint_bytes,
-        emit_result,
-        ensure_repo_on_path,
-        format_table,
-        gb,
-        malloc_trim,
-        median,
-        prepare_checkpoint,
-        proc_status_bytes,
-        psutil_rss_bytes,
-        reset_peak_rss,
-        ru_maxrss_bytes,
-        run_worker,
-    )
+# Run as `python bench/X.py`, only bench/ would be on the path: put the repository root
+# there, so `bench.common` imports one way however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    GB,
+    PeakSampler,
+    available_memory_bytes,
+    checkpoint_bytes,
+    emit_result,
+    ensure_repo_on_path,
+    format_table,
+    gb,
+    malloc_trim,
+    median,
+    prepare_checkpoint,
+    proc_status_bytes,
+    psutil_rss_bytes,
+    reset_peak_rss,
+    ru_maxrss_bytes,
+    run_worker,
+)
 
 D_MODEL, N_HEADS, VOCAB = 2560, 32, 32768
 MIN_MAX_SEQ_LEN = 4096

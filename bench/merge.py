@@ -35,41 +35,29 @@ import gc
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-try:
-    from bench.common import (
-        GB,
-        PeakSampler,
-        available_memory_bytes,
-        emit_result,
-        ensure_repo_on_path,
-        format_table,
-        gb,
-        malloc_trim,
-        prepare_checkpoint,
-        proc_status_bytes,
-        reset_peak_rss,
-        rss_anon_bytes,
-        run_worker,
-    )
-except ImportError:  # run as `python bench/merge.py`: bench/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        GB,
-        PeakSampler,
-        available_memory_bytes,
-        emit_result,
-        ensure_repo_on_path,
-        format_table,
-        gb,
-        malloc_trim,
-        prepare_checkpoint,
-        proc_status_bytes,
-        reset_peak_rss,
-        rss_anon_bytes,
-        run_worker,
-    )
+# Run as `python bench/X.py`, only bench/ would be on the path: put the repository root
+# there, so `bench.common` imports one way however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    GB,
+    PeakSampler,
+    available_memory_bytes,
+    emit_result,
+    ensure_repo_on_path,
+    format_table,
+    gb,
+    malloc_trim,
+    prepare_checkpoint,
+    proc_status_bytes,
+    reset_peak_rss,
+    rss_anon_bytes,
+    run_worker,
+)
 
 FULL = {"n_layers": 32, "d_model": 2560, "n_heads": 32, "vocab": 32768}
 DEFAULT_DIR = Path("/tmp/replit-full-random")

@@ -79,42 +79,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-try:
-    from bench.common import (
-        GB,
-        RESULT_PREFIX,
-        PeakSampler,
-        available_memory_bytes,
-        emit_result,
-        ensure_repo_on_path,
-        format_table,
-        gb,
-        malloc_trim,
-        median,
-        prepare_checkpoint,
-        proc_status_bytes,
-        psutil_rss_bytes,
-        reset_peak_rss,
-        ru_maxrss_bytes,
-    )
-except ImportError:  # run as `python bench/train.py`: bench/ itself is on sys.path
-    from common import (  # type: ignore[no-redef]
-        GB,
-        RESULT_PREFIX,
-        PeakSampler,
-        available_memory_bytes,
-        emit_result,
-        ensure_repo_on_path,
-        format_table,
-        gb,
-        malloc_trim,
-        median,
-        prepare_checkpoint,
-        proc_status_bytes,
-        psutil_rss_bytes,
-        reset_peak_rss,
-        ru_maxrss_bytes,
-    )
+# Run as `python bench/X.py`, only bench/ would be on the path: put the repository root
+# there, so `bench.common` imports one way however the script is started.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    GB,
+    RESULT_PREFIX,
+    PeakSampler,
+    available_memory_bytes,
+    emit_result,
+    ensure_repo_on_path,
+    format_table,
+    gb,
+    malloc_trim,
+    median,
+    prepare_checkpoint,
+    proc_status_bytes,
+    psutil_rss_bytes,
+    reset_peak_rss,
+    ru_maxrss_bytes,
+)
 
 D_MODEL, N_HEADS, VOCAB = 2560, 32, 32768
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.0
