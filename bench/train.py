@@ -113,7 +113,7 @@ TOKENS_TARGET, MEMORY_TARGET, TARGET_LENGTH = 1.5, 0.5, 2048
 # ----------------------------------------------------------------------------- worker
 
 
-def _build(kind: str, path: str, length: int, dtype: str) -> Any:
+def build_qlora(kind: str, path: str, length: int, dtype: str, device: str = "cpu") -> Any:
     """The PeftModel each side trains, built as described in the module docstring."""
     import torch
 
@@ -135,7 +135,7 @@ def _build(kind: str, path: str, length: int, dtype: str) -> Any:
             section,
             lora,
             seq_len=length,
-            device=torch.device("cpu"),
+            device=torch.device(device),
             gradient_checkpointing=True,
         )
 
@@ -157,7 +157,7 @@ def _build(kind: str, path: str, length: int, dtype: str) -> Any:
         config=config,
         quantization_config=quant,
         dtype=torch_dtype,
-        device_map={"": "cpu"},
+        device_map={"": device},
     )
     for module in model.modules():  # as load_model does: keep the backward-capable kernel
         if isinstance(module, bnb.nn.Linear4bit):
@@ -213,7 +213,7 @@ def step_worker(
     torch.set_flush_denormal(flush_denormal)
 
     t0 = time.perf_counter()
-    model = _build(kind, path, length, dtype)
+    model = build_qlora(kind, path, length, dtype)
     load_s = time.perf_counter() - t0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
