@@ -151,17 +151,30 @@ def _hankel_mask(table: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _sdpa_reversed(q, k, v, table: torch.Tensor, scale: float) -> torch.Tensor:
-    # The mask stays fp32 with bf16 inputs: SDPA accepts it, and a cast would materialize it.
     mask = _hankel_mask(table, q.shape[2])
     return F.scaled_dot_product_attention(q, k.flip(2), v.flip(2), attn_mask=mask, scale=scale)
+
+
+def _mask_dtype(layout: BatchLayout, key: str, make: Callable[[], torch.Tensor], q):
+    """The fp32 mask `key` of `layout`, or on CUDA its copy in q's dtype (cached too).
+
+    On CPU the fp32 mask keeps ALiBi exact with bf16 inputs. CUDA's fused SDPA kernel
+    takes an fp32 mask with bf16 inputs without complaint and returns NaN (measured on
+    an H200, torch 2.11), so there it gets q's dtype: the bias is then rounded to bf16
+    like the scores it is added to.
+    """
+    mask = layout.cached(key, make)
+    if q.device.type != "cuda" or mask.dtype == q.dtype:
+        return mask
+    return layout.cached(f"{key}-{q.dtype}", lambda: mask.to(q.dtype))
 
 
 def sdpa_attention(q, k, v, layout: BatchLayout, scale: float) -> torch.Tensor:
     """torch SDPA with an O(L) ALiBi mask; one call per document in packed or padded rows."""
     if layout.past_len:
-        bias = layout.cached("dense", layout.dense_bias)
+        bias = _mask_dtype(layout, "dense", layout.dense_bias, q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    table = layout.cached("hankel", lambda: _hankel_table(layout.slopes, layout.q_len))
+    table = _mask_dtype(layout, "hankel", lambda: _hankel_table(layout.slopes, layout.q_len), q)
     if layout.segments is None:
         return _sdpa_reversed(q, k, v, table, scale)
     rows = []
