@@ -28,6 +28,7 @@ the published names: the layout `load_model` reads, quicker to write than the fp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -339,6 +340,7 @@ def qlora(
             )
             print(f"  {key}: {r['tok_s']:.0f} tok/s, first losses {r['losses'][:2]}", flush=True)
         del model, optimizer, params
+        gc.collect()  # peft's modules hold cycles: free this model before the next one's peak
         peak_reset()
     print(
         format_table(["model", "attention", "tokens", "tok/s", "step ms", "peak GB", "MFU"], rows),
