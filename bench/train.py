@@ -59,7 +59,7 @@ of its kind at 2048). Prefix the command with `MALLOC_MMAP_THRESHOLD_=131072` to
 baseline the same allocator setting.
 
 Commands (from the repository root; about 20 min with the defaults on a quiet 2-core
-machine, 8-9 of them ours' one step at 16384 tokens):
+machine, 7 of them ours' one step at 16384 tokens):
     .venv/bin/python bench/train.py
     .venv/bin/python bench/train.py --repeats 3 --max-context-lengths 2048 4096 8192 16384
     .venv/bin/python bench/train.py --max-context-lengths none      # speed and memory only
