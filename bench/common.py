@@ -29,6 +29,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "RESULT "
 GB = 1e9
+# replit-code-v1-3b's dimensions, for the benchmarks of the full-size random model.
+FULL = {"n_layers": 32, "d_model": 2560, "n_heads": 32, "vocab": 32768}
 GIB = float(1 << 30)
 
 

@@ -42,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.common import format_table  # noqa: E402
+from bench.common import FULL, format_table  # noqa: E402
 
-FULL = {"n_layers": 32, "d_model": 2560, "n_heads": 32, "vocab": 32768}
 TINY = {"n_layers": 2, "d_model": 256, "n_heads": 4, "vocab": 32768}
 DOCS = (700, 900, 448)  # the packed row of `agreement`
 
@@ -84,7 +83,7 @@ def write_checkpoint(path: Path, dims: dict[str, int]) -> Path:
     gen = torch.Generator(device).manual_seed(0)
     state = {}
     for name, shape in expected_shapes(config).items():
-        if name.endswith("norm_1.weight") or name.endswith(("norm_2.weight", "norm_f.weight")):
+        if name.endswith(("norm_1.weight", "norm_2.weight", "norm_f.weight")):
             state[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:
             t = torch.randn(shape, generator=gen, device=device, dtype=torch.bfloat16)
@@ -148,6 +147,16 @@ def training_step(
         return loss.item()
 
     return step
+
+
+def figure_cells(r: dict[str, Any]) -> list[str]:
+    """A measured step's table cells: tok/s, step ms, peak GB, MFU."""
+    return [
+        f"{r['tok_s']:.0f}",
+        f"{r['step_s'] * 1e3:.0f}",
+        f"{r['peak_gb']:.1f}" if r["peak_gb"] else "-",
+        f"{r['mfu']:.1%}" if r["mfu"] else "-",
+    ]
 
 
 def timed_steps(step: Callable[[], float], warmup: int, repeats: int) -> dict[str, Any]:
@@ -261,16 +270,7 @@ def backends(
             r["tok_s"] = length / r["step_s"]
             r["mfu"] = mfu(dims, length, True, r["step_s"], rate)
             results[key] = r
-            rows.append(
-                [
-                    impl,
-                    str(length),
-                    f"{r['tok_s']:.0f}",
-                    f"{r['step_s'] * 1e3:.0f}",
-                    f"{r['peak_gb']:.1f}" if r["peak_gb"] else "-",
-                    f"{r['mfu']:.1%}" if r["mfu"] else "-",
-                ]
-            )
+            rows.append([impl, str(length), *figure_cells(r)])
             print(f"  {key}: {r['tok_s']:.0f} tok/s", flush=True)
     print(
         format_table(["backend", "tokens", "tok/s", "step ms", "peak GB", "MFU"], rows), flush=True
@@ -327,17 +327,7 @@ def qlora(
             r.update(attn_impl=impl, load_s=load_s, tok_s=length / r["step_s"])
             r["mfu"] = mfu(dims, length, False, r["step_s"], rate)
             results[key] = r
-            rows.append(
-                [
-                    kind,
-                    impl,
-                    str(length),
-                    f"{r['tok_s']:.0f}",
-                    f"{r['step_s'] * 1e3:.0f}",
-                    f"{r['peak_gb']:.1f}" if r["peak_gb"] else "-",
-                    f"{r['mfu']:.1%}" if r["mfu"] else "-",
-                ]
-            )
+            rows.append([kind, impl, str(length), *figure_cells(r)])
             print(f"  {key}: {r['tok_s']:.0f} tok/s, first losses {r['losses'][:2]}", flush=True)
         del model, optimizer, params
         gc.collect()  # peft's modules hold cycles: free this model before the next one's peak

@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    FULL,
     GB,
     GIB,
     PeakSampler,
@@ -59,7 +60,6 @@ from bench.common import (  # noqa: E402
     run_worker,
 )
 
-FULL = {"n_layers": 32, "d_model": 2560, "n_heads": 32, "vocab": 32768}
 DEFAULT_DIR = Path("/tmp/replit-full-random")
 MODES = {"nf4": {"quantization": "nf4"}, "bf16": {"compute_dtype": "bf16"}}
 TARGETS_GB = {"nf4": 6.0, "bf16": 8.0}

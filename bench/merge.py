@@ -44,6 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    FULL,
     GB,
     PeakSampler,
     available_memory_bytes,
@@ -59,7 +60,6 @@ from bench.common import (  # noqa: E402
     run_worker,
 )
 
-FULL = {"n_layers": 32, "d_model": 2560, "n_heads": 32, "vocab": 32768}
 DEFAULT_DIR = Path("/tmp/replit-full-random")
 TARGETS = {"Wqkv": "attn", "out_proj": "attn", "up_proj": "ffn", "down_proj": "ffn"}
 RANK, ALPHA = 16, 32
