@@ -169,10 +169,14 @@ def test_two_processes_end_with_identical_adapters(tmp_path, base):
     """torchrun with gloo (REFERENCE: `accelerate launch --cpu` would start one process)."""
     recipe = write_recipe(tmp_path, base, train={"max_steps": 4, "save_every": 100})
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    command = [torchrun, "--nproc_per_node", "2", "-m", "finetune.train", str(recipe)]
+    # --standalone: a free port, so a neighbour's torchrun on the default 29500 cannot interfere.
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune.train"]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run(
+        [*command, str(recipe)], env=env, capture_output=True, text=True, timeout=600
+    )
+    root_cause = "\n".join(line for line in done.stderr.splitlines() if "[rank0]" in line)
+    assert done.returncode == 0, root_cause[-3000:] + "\n...\n" + done.stderr[-2000:]
     run = tmp_path / "run"
     summary = json.loads((run / "metrics.json").read_text())["summary"]
     digests = summary["adapter_sha256_per_rank"]
