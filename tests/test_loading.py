@@ -117,7 +117,11 @@ def test_nf4_lora_trains_with_gradient_checkpointing(tiny_checkpoint, baseline):
     model = load_model(tiny_checkpoint, quantization="nf4")
     assert isinstance(model.transformer.blocks[0].ffn.up_proj, bnb.nn.Linear4bit)
     assert (logits(model) - baseline).abs().max() < 0.5  # nf4 rounding, same network
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # as finetune.lora does
+    )
     targets = ["Wqkv", "out_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     model.train()
