@@ -45,7 +45,6 @@ Command (from the repository root; ~12-20 min with the defaults, most of it the 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -58,25 +57,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    FULL,
     GB,
-    PeakSampler,
+    StepMemory,
     available_memory_bytes,
     checkpoint_bytes,
     emit_result,
-    ensure_repo_on_path,
     format_table,
     gb,
-    malloc_trim,
     median,
     prepare_checkpoint,
-    proc_status_bytes,
-    psutil_rss_bytes,
-    reset_peak_rss,
-    ru_maxrss_bytes,
+    quiet_torch_worker,
+    ratio_table,
     run_worker,
 )
 
-D_MODEL, N_HEADS, VOCAB = 2560, 32, 32768
+D_MODEL, N_HEADS, VOCAB = FULL["d_model"], FULL["n_heads"], FULL["vocab"]
 MIN_MAX_SEQ_LEN = 4096
 KINDS = ("baseline", "ours")
 LABELS = {"baseline": "transformers MPT (eager)", "ours": "kit (sdpa)"}
@@ -121,13 +117,8 @@ def step_worker(
     kind: str, path: str, length: int, repeats: int, max_seq_len: int, flush_denormal: bool
 ) -> None:
     """Load one model, run 1 + `repeats` training steps at `length`, emit the figures."""
-    ensure_repo_on_path()
+    quiet_torch_worker(flush_denormal)
     import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_flush_denormal(flush_denormal)
 
     t0 = time.perf_counter()
     model = _load(kind, path, max_seq_len)
@@ -136,22 +127,12 @@ def step_worker(
     model.requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen)
-
-    # fp32 weights stay mmap'd from the checkpoint file (file-backed pages, not yet
-    # resident): read them all so they count as loaded rather than as step memory.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
-    gc.collect()
-    malloc_trim()
-    rss_loaded = psutil_rss_bytes()
-    rss_loaded_file = proc_status_bytes("RssFile")
-    load_peak = ru_maxrss_bytes()
-    reset_ok = reset_peak_rss()
+    memory = StepMemory()
+    memory.settle(model)
 
     times, cpu_times, losses = [], [], []
     load_avg = os.getloadavg()[0]
-    with PeakSampler(psutil_rss_bytes, interval=0.01) as sampler:
+    with memory:
         for i in range(1 + repeats):
             model.zero_grad(set_to_none=True)
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -162,9 +143,6 @@ def step_worker(
             if i:
                 times.append(elapsed)
                 cpu_times.append(cpu)
-    peak_ru = ru_maxrss_bytes()
-    peak_hwm = proc_status_bytes("VmHWM")
-    peak = max(peak_ru, peak_hwm, sampler.peak) if reset_ok else sampler.peak
     emit_result(
         {
             "kind": kind,
@@ -176,14 +154,7 @@ def step_worker(
             "cpu_times": cpu_times,
             "load_avg": [load_avg, os.getloadavg()[0]],
             "loss": losses[0],
-            "rss_loaded": rss_loaded,
-            "rss_loaded_file": rss_loaded_file,
-            "load_peak_rss": load_peak,
-            "peak_ru_maxrss": peak_ru if reset_ok else None,
-            "peak_vmhwm": peak_hwm if reset_ok else None,
-            "peak_sampled": sampler.peak,
-            "peak_rss": peak,
-            "step_bytes": peak - rss_loaded,
+            **memory.figures(),
         }
     )
 
@@ -283,24 +254,7 @@ def report(results: dict[tuple[str, int], dict], lengths: list[int]) -> None:
     )
 
     print("\nratios (ours / baseline)")
-    ratio_rows = []
-    for length in lengths:
-        a, b = results["ours", length], results["baseline", length]
-        if "error" in a or "error" in b:
-            ratio_rows.append([str(length), "-", "-", "-", "-", "-"])
-            continue
-        ratio_rows.append(
-            [
-                str(length),
-                f"{median(b['times']) / median(a['times']):.2f}x",
-                f"{min(b['times']) / min(a['times']):.2f}x",
-                f"{median(b['cpu_times']) / median(a['cpu_times']):.2f}x",
-                f"{a['step_bytes'] / b['step_bytes']:.3f}",
-                f"{a['peak_rss'] / b['peak_rss']:.3f}",
-            ]
-        )
-    headers = ["tokens", "tokens/s", "best tok/s", "tok/CPU-s", "step peak", "total peak RSS"]
-    print(format_table(headers, ratio_rows))
+    print(ratio_table(results, lengths))
 
     print("\ntargets")
     for length, what, target in ((2048, "tokens/s", ">= 1.5x"), (4096, "step peak", "<= 0.333")):

@@ -126,6 +126,67 @@ class PeakSampler:
         self._sample()
 
 
+class StepMemory:
+    """The memory of training steps apart from the model's: the two step benchmarks' method.
+
+    `settle(model)` reads every parameter once (fp32 weights still mapped from the
+    checkpoint file are not resident until read, and must count as loaded, not as step
+    memory), hands freed heap back, takes "RSS after load" and resets the high-water mark.
+    Then `with memory: <steps>` samples RSS every 10 ms, and `figures()` gives the peak as
+    max(ru_maxrss, VmHWM, sampled RSS) and the step memory as that peak minus "after load".
+    """
+
+    def settle(self, model: Any) -> None:
+        import gc
+
+        import torch
+
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sum()
+        gc.collect()
+        malloc_trim()
+        self.rss_loaded = psutil_rss_bytes()
+        self.rss_loaded_file = proc_status_bytes("RssFile")
+        self.load_peak = ru_maxrss_bytes()
+        self.reset_ok = reset_peak_rss()
+
+    def __enter__(self) -> StepMemory:
+        self._sampler = PeakSampler(psutil_rss_bytes, interval=0.01).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sampler.__exit__(*exc)
+        self.peak_ru = ru_maxrss_bytes()
+        self.peak_hwm = proc_status_bytes("VmHWM")
+
+    def figures(self) -> dict[str, int | None]:
+        sampled = self._sampler.peak
+        peak = max(self.peak_ru, self.peak_hwm, sampled) if self.reset_ok else sampled
+        return {
+            "rss_loaded": self.rss_loaded,
+            "rss_loaded_file": self.rss_loaded_file,
+            "load_peak_rss": self.load_peak,
+            "peak_ru_maxrss": self.peak_ru if self.reset_ok else None,
+            "peak_vmhwm": self.peak_hwm if self.reset_ok else None,
+            "peak_sampled": sampled,
+            "peak_rss": peak,
+            "process_peak_rss": max(peak, self.load_peak),
+            "step_bytes": peak - self.rss_loaded,
+        }
+
+
+def quiet_torch_worker(flush_denormal: bool) -> None:
+    """A step worker's set-up: the kit importable, transformers' bars and logs off."""
+    ensure_repo_on_path()
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    torch.set_flush_denormal(flush_denormal)
+
+
 def available_memory_bytes() -> int:
     """MemAvailable of the machine (what can be allocated without swapping or OOM)."""
     with open("/proc/meminfo") as f:
@@ -196,6 +257,28 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def ratio_table(results: dict[tuple[str, int], dict], lengths: Sequence[int]) -> str:
+    """Ours against the baseline per length, from step workers' results keyed (kind, length)."""
+    rows = []
+    for length in lengths:
+        a, b = results["ours", length], results["baseline", length]
+        if "error" in a or "error" in b:
+            rows.append([str(length), *["-"] * 5])
+            continue
+        rows.append(
+            [
+                str(length),
+                f"{median(b['times']) / median(a['times']):.2f}x",
+                f"{min(b['times']) / min(a['times']):.2f}x",
+                f"{median(b['cpu_times']) / median(a['cpu_times']):.2f}x",
+                f"{a['step_bytes'] / b['step_bytes']:.3f}",
+                f"{a['peak_rss'] / b['peak_rss']:.3f}",
+            ]
+        )
+    headers = ["tokens", "tokens/s", "best tok/s", "tok/CPU-s", "step peak", "total peak RSS"]
+    return format_table(headers, rows)
 
 
 def gb(n: float | None) -> str:

@@ -69,7 +69,6 @@ machine, 7 of them ours' one step at 16384 tokens):
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import signal
@@ -85,24 +84,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    FULL,
     GB,
     RESULT_PREFIX,
-    PeakSampler,
+    StepMemory,
     available_memory_bytes,
     emit_result,
-    ensure_repo_on_path,
     format_table,
     gb,
-    malloc_trim,
     median,
     prepare_checkpoint,
-    proc_status_bytes,
-    psutil_rss_bytes,
-    reset_peak_rss,
-    ru_maxrss_bytes,
+    quiet_torch_worker,
+    ratio_table,
 )
 
-D_MODEL, N_HEADS, VOCAB = 2560, 32, 32768
+D_MODEL, N_HEADS, VOCAB = FULL["d_model"], FULL["n_heads"], FULL["vocab"]
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.0
 LORA_TARGETS = ("Wqkv", "up_proj", "down_proj")
 LR = 2e-4
@@ -205,13 +201,8 @@ def step_worker(
     flush_denormal: bool,
 ) -> None:
     """Build one model, run `warmup` + `repeats` QLoRA steps at `length`, emit the figures."""
-    ensure_repo_on_path()
+    quiet_torch_worker(flush_denormal)
     import torch
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_flush_denormal(flush_denormal)
 
     t0 = time.perf_counter()
     model = build_qlora(kind, path, length, dtype)
@@ -222,22 +213,13 @@ def step_worker(
     optimizer = torch.optim.AdamW(trainable, lr=LR)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (1, length), generator=gen)
-
-    # Parameters still mapped from the checkpoint file are not resident until read: read
-    # them all so that they count as loaded rather than as step memory.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
-    gc.collect()
-    malloc_trim()
-    rss_loaded = psutil_rss_bytes()
-    load_peak = ru_maxrss_bytes()
-    reset_ok = reset_peak_rss()
+    memory = StepMemory()
+    memory.settle(model)
 
     times, cpu_times, fwd, bwd, opt, losses, others = [], [], [], [], [], [], []
     grads_ok = None
     load_avg = os.getloadavg()[0]
-    with PeakSampler(psutil_rss_bytes, interval=0.01) as sampler:
+    with memory:
         for i in range(warmup + repeats):
             busy_start = system_busy_seconds()
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -260,9 +242,6 @@ def step_worker(
                 opt.append(end - t_bwd)
                 # cores' worth of CPU that other processes used during the step
                 others.append(((busy_end - busy_start) - (cpu_end - cpu_start)) / (end - start))
-    peak_ru = ru_maxrss_bytes()
-    peak_hwm = proc_status_bytes("VmHWM")
-    peak = max(peak_ru, peak_hwm, sampler.peak) if reset_ok else sampler.peak
     emit_result(
         {
             "kind": kind,
@@ -282,14 +261,7 @@ def step_worker(
             "losses": losses,
             "trainable": sum(p.numel() for p in trainable),
             "lora_b_with_grad": [grads_ok, len(lora_b)],
-            "rss_loaded": rss_loaded,
-            "load_peak_rss": load_peak,
-            "peak_ru_maxrss": peak_ru if reset_ok else None,
-            "peak_vmhwm": peak_hwm if reset_ok else None,
-            "peak_sampled": sampler.peak,
-            "peak_rss": peak,
-            "process_peak_rss": max(peak, load_peak),
-            "step_bytes": peak - rss_loaded,
+            **memory.figures(),
         }
     )
 
@@ -566,24 +538,7 @@ def report_speed(results: dict[tuple[str, int], dict], lengths: list[int]) -> No
         )
 
     print("\nratios (ours / baseline; tokens/s higher is better, memory lower is better)")
-    ratio_rows = []
-    for length in lengths:
-        a, b = results["ours", length], results["baseline", length]
-        if "error" in a or "error" in b:
-            ratio_rows.append([str(length), *["-"] * 5])
-            continue
-        ratio_rows.append(
-            [
-                str(length),
-                f"{median(b['times']) / median(a['times']):.2f}x",
-                f"{min(b['times']) / min(a['times']):.2f}x",
-                f"{median(b['cpu_times']) / median(a['cpu_times']):.2f}x",
-                f"{a['step_bytes'] / b['step_bytes']:.3f}",
-                f"{a['peak_rss'] / b['peak_rss']:.3f}",
-            ]
-        )
-    headers = ["tokens", "tokens/s", "best tok/s", "tok/CPU-s", "step peak", "total peak RSS"]
-    print(format_table(headers, ratio_rows))
+    print(ratio_table(results, lengths))
 
     print("\ntargets")
     a, b = results.get(("ours", TARGET_LENGTH)), results.get(("baseline", TARGET_LENGTH))
