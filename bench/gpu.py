@@ -180,16 +180,9 @@ def timed_steps(step: Callable[[], float], warmup: int, repeats: int) -> dict[st
 
 
 def backends_available() -> list[str]:
-    from model.attention import resolve_attn_impl
+    from model.attention import usable_attn_impls
 
-    impls = ["eager", "sdpa", "flex"]
-    if cuda():
-        try:
-            resolve_attn_impl("flash", torch.device("cuda"), torch.bfloat16)
-            impls.append("flash")
-        except (ImportError, ValueError):
-            pass
-    return impls
+    return usable_attn_impls(torch.device("cuda" if cuda() else "cpu"), torch.bfloat16)
 
 
 def agreement(path: Path, dims: dict[str, int]) -> dict[str, Any]:

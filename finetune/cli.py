@@ -26,6 +26,21 @@ def inspect_checkpoint(args: argparse.Namespace) -> None:
     print(f"layers       {config.n_layers}  d_model {config.d_model}  heads {config.n_heads}")
     print(f"vocab        {config.vocab_size}  tokenizer {tokenizer}")
     print(f"max_seq_len  {config.max_seq_len}")
+    print(f"attention    {_attention_here()}")
+
+
+def _attention_here() -> str:
+    """Which attention backends this machine can run, and which one `auto` picks."""
+    import torch
+
+    from model.attention import resolve_attn_impl, usable_attn_impls
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    usable = ", ".join(usable_attn_impls(device, dtype))
+    auto = resolve_attn_impl("auto", device, dtype)
+    return f"{usable} usable on {device.type} ({dtype}); auto picks {auto}"
 
 
 def prep(args: argparse.Namespace) -> None:

@@ -316,6 +316,18 @@ BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def usable_attn_impls(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends `resolve_attn_impl` accepts here (flash only with its wheel, CUDA, half)."""
+    usable = []
+    for impl in ATTN_IMPLS:
+        try:
+            resolve_attn_impl(impl, device, dtype)
+        except (ImportError, ValueError):
+            continue
+        usable.append(impl)
+    return usable
+
+
 def resolve_attn_impl(attn_impl: str, device: torch.device, dtype: torch.dtype) -> str:
     """Turn `auto` into the fastest backend usable here; check an explicit choice is usable."""
     if attn_impl not in (*ATTN_IMPLS, "auto"):

@@ -20,15 +20,9 @@ CUDA = torch.device("cuda")
 
 
 def backends() -> list[str]:
-    from model.attention import resolve_attn_impl
+    from model.attention import usable_attn_impls
 
-    impls = ["sdpa", "flex"]
-    try:
-        resolve_attn_impl("flash", CUDA, torch.bfloat16)
-        impls.append("flash")
-    except (ImportError, ValueError):
-        pass
-    return impls
+    return [impl for impl in usable_attn_impls(CUDA, torch.bfloat16) if impl != "eager"]
 
 
 @pytest.fixture(scope="module")

@@ -261,5 +261,8 @@ def test_cli_inspect(tiny_checkpoint, tmp_path, capsys):
     cli(["inspect", str(tiny_checkpoint)])
     out = capsys.readouterr().out
     assert "layers       2  d_model 192  heads 6" in out and "tokenizer spiece.model" in out
+    if not torch.cuda.is_available():  # flash needs CUDA and half precision
+        expected = "attention    eager, sdpa, flex usable on cpu (torch.float32); auto picks sdpa"
+        assert expected in out
     with pytest.raises(SystemExit, match="replit-ft inspect: .*config.json"):
         cli(["inspect", str(tmp_path)])
