@@ -27,6 +27,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.adapter import check_adapter
+from finetune.lora import peft_quietly
 from model import ReplitForCausalLM, ReplitTokenizer, load_model, load_tokenizer
 
 SEPARATOR = re.compile(r"^---$\n?", re.MULTILINE)
@@ -50,7 +51,9 @@ def load_for_generation(
         return load_model(model, attn_impl=attn_impl), load_tokenizer(model)
     info = check_adapter(adapter, model)
     base = load_model(info.base_path, max_seq_len=info.max_seq_len, attn_impl=attn_impl)
-    return PeftModel.from_pretrained(base, str(info.path)).eval(), load_tokenizer(info.base_path)
+    with peft_quietly():
+        tuned = PeftModel.from_pretrained(base, str(info.path)).eval()
+    return tuned, load_tokenizer(info.base_path)
 
 
 def generate(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -31,6 +34,22 @@ def lora_config(lora: LoraSection) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Hide transformers 5's FutureWarnings about the `*gradient_checkpointing*` names.
+
+    peft 0.21 still calls them (`prepare_model_for_kbit_training`, `PeftModel.__init__`); the
+    warnings are peft's to fix and say nothing about the user's run.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+            category=FutureWarning,
+        )
+        yield
 
 
 def _sharded_training() -> bool:
@@ -68,13 +87,15 @@ def build_model(
     )
     checkpointing = {"use_reentrant": False}
     if section.quantization:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
-        )
+        with peft_quietly():
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing,
+            )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
     model.config.use_cache = False
-    return get_peft_model(model, lora_config(lora))
+    with peft_quietly():
+        return get_peft_model(model, lora_config(lora))

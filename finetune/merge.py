@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from finetune.adapter import Adapter, check_adapter
+from finetune.lora import peft_quietly
 from finetune.model_card import dtype_name, model_card
 from model import ReplitForCausalLM, load_model, load_tokenizer
 from model.checkpoint import weight_files
@@ -98,7 +99,8 @@ def _merge_in_fp32(
     weight is swapped for its fp32 original from the checkpoint just before its merge, so
     the result is round(W + BA * scale) rather than a sum of two rounded terms.
     """
-    peft_model = PeftModel.from_pretrained(model, str(info.path))
+    with peft_quietly():
+        peft_model = PeftModel.from_pretrained(model, str(info.path))
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     with _original_weights(info.base_path) as original:
         for name, layer in tqdm(layers, desc="merge", unit="layer", disable=not progress):

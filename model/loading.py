@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 
 import torch
@@ -12,6 +13,11 @@ from transformers.utils import logging as hf_logging
 from model.attention import resolve_attn_impl
 from model.checkpoint import check_weights, read_config, resolve_checkpoint
 from model.modeling import ReplitForCausalLM
+
+# bitsandbytes logs at import, on CPUs with AVX512-BF16, that its optional `kernels` package
+# is missing. load_model switches that CPU kernel off (it has no backward), so the advice
+# does not apply to the kit: keep it out of the output.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DTYPES = {
     "bf16": torch.bfloat16,
