@@ -211,3 +211,22 @@ def test_accelerate_configs_wrap_the_kits_blocks():
     fsdp = configs["fsdp_qlora.yaml"]["fsdp_config"]
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] in ReplitForCausalLM._no_split_modules
     assert configs["deepspeed_zero3.yaml"]["deepspeed_config"]["zero_stage"] == 3
+
+
+def test_model_set_up_warns_nothing(tmp_path, base):
+    """peft calls transformers' deprecated checkpointing names; the user must not see that."""
+    import warnings
+
+    from finetune.lora import build_model
+    from finetune.recipe import LoraSection, ModelSection
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_model(
+            ModelSection(name=str(base), quantization="nf4", compute_dtype="fp32"),
+            LoraSection(r=4, alpha=8, dropout=0.0),
+            seq_len=4096,
+            device=torch.device("cpu"),
+            gradient_checkpointing=True,
+        )
+        assert model.get_base_model().config.max_seq_len == 4096
