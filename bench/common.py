@@ -205,14 +205,19 @@ def emit_result(result: dict[str, Any]) -> None:
 
 
 def run_worker(
-    script: str | Path, args: Sequence[str], *, timeout: float | None = None
+    script: str | Path,
+    args: Sequence[str],
+    *,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run `python script *args` in a fresh process and return its `RESULT` dict.
 
-    On failure returns {"error": ...}: the exit status, the signal (SIGKILL from the
-    kernel's OOM killer reads as "killed by signal 9"), or the timeout.
+    `env` adds to this process's environment. On failure returns {"error": ...}: the exit
+    status, the signal (SIGKILL from the kernel's OOM killer reads as "killed by signal
+    9"), or the timeout.
     """
-    env = dict(os.environ)
+    env = os.environ | (env or {})
     env.setdefault("PYTHONUNBUFFERED", "1")
     cmd = [sys.executable, str(script), *args]
     try:

@@ -1,0 +1,123 @@
+"""What `load_model`'s glibc mmap threshold costs and saves on CPU: the same step, two allocators.
+
+What: the step of bench/attention.py for ours only (`load_model(path, attn_impl="sdpa")`,
+fp32, every weight trainable, forward with labels + backward, batch 1) on its 2-layer,
+d_model 2560 checkpoint, with
+  mmap 128 KiB: `load_model` as shipped, which fixes glibc's mmap threshold at 128 KiB so
+                that freed activations go back to the OS;
+  glibc heap:   the same, with `MALLOC_MMAP_THRESHOLD_=1073741824` in the environment,
+                which `load_model` leaves alone: freed activations stay in glibc's heap
+                and are reused without page faults.
+How: each run is its own subprocess, 1 warm-up + `--repeats` timed steps; the two settings
+alternate for `--rounds` rounds, so drift on the shared machine hits both alike. Printed:
+the median step over all rounds, and the step peak memory as bench/attention.py defines it
+(`bench.common.StepMemory`), median over rounds.
+
+Command (from the repository root; about 6 min with the defaults):
+    .venv/bin/python bench/allocator.py [--lengths 2048 4096] [--rounds 3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    FULL,
+    StepMemory,
+    emit_result,
+    format_table,
+    gb,
+    median,
+    prepare_checkpoint,
+    quiet_torch_worker,
+    run_worker,
+)
+
+SETTINGS = {"mmap 128 KiB": {}, "glibc heap": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30)}}
+
+
+def step_worker(path: str, length: int, repeats: int) -> None:
+    """Load ours, run 1 + `repeats` full-weight steps at `length`, emit times and memory."""
+    quiet_torch_worker(flush_denormal=False)  # load_model sets flush-to-zero itself on CPU
+    import torch
+
+    from model import load_model
+
+    model = load_model(path, attn_impl="sdpa", max_seq_len=max(4096, length), device="cpu")
+    model.train()
+    model.requires_grad_(True)
+    ids = torch.randint(0, FULL["vocab"], (1, length), generator=torch.Generator().manual_seed(0))
+    memory = StepMemory()
+    memory.settle(model)
+    times = []
+    with memory:
+        for i in range(1 + repeats):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            model(ids, labels=ids, use_cache=False).loss.backward()
+            if i:
+                times.append(time.perf_counter() - start)
+    emit_result({"times": times, **memory.figures()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after 1 warm-up")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/replit-bench-2l"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        step_worker(str(args.dir), args.lengths[0], args.repeats)
+        return
+
+    dims = {**FULL, "n_layers": 2}
+    if "error" in (ckpt := prepare_checkpoint(args.dir, **dims)):
+        raise SystemExit(f"checkpoint: {ckpt['error']}")
+    runs: dict[tuple[str, int], list[dict]] = {(s, n): [] for s in SETTINGS for n in args.lengths}
+    for rnd in range(args.rounds):
+        for length in args.lengths:
+            for setting, env in SETTINGS.items():
+                worker = ["--worker", "--dir", str(args.dir), "--lengths", str(length)]
+                r = run_worker(Path(__file__), [*worker, "--repeats", str(args.repeats)], env=env)
+                if "error" in r:
+                    raise SystemExit(f"{setting} at {length}: {r['error']}")
+                runs[setting, length].append(r)
+                print(
+                    f"[round {rnd + 1}/{args.rounds}] {setting} L={length}: steps "
+                    f"{', '.join(f'{t:.2f}' for t in r['times'])} s, step peak "
+                    f"{gb(r['step_bytes'])} GB",
+                    flush=True,
+                )
+
+    rows, ratios = [], []
+    for length in args.lengths:
+        step, peak = {}, {}
+        for setting in SETTINGS:
+            step[setting] = median([t for r in runs[setting, length] for t in r["times"]])
+            peak[setting] = median([r["step_bytes"] for r in runs[setting, length]])
+            rows.append(
+                [setting, str(length), f"{step[setting]:.2f}", f"{length / step[setting]:.1f}",
+                 gb(peak[setting])]
+            )  # fmt: skip
+        ours, heap = "mmap 128 KiB", "glibc heap"
+        ratios.append(
+            [str(length), f"{step[ours] / step[heap]:.3f}", f"{peak[ours] / peak[heap]:.3f}",
+             gb(peak[heap] - peak[ours])]
+        )  # fmt: skip
+    print()
+    headers = ["allocator", "tokens", "step s (median)", "tokens/s", "step peak GB"]
+    print(format_table(headers, rows))
+    print()
+    headers = ["tokens", "step time 128 KiB / heap", "step peak 128 KiB / heap", "GB saved"]
+    print(format_table(headers, ratios))
+
+
+if __name__ == "__main__":
+    main()
