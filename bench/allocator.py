@@ -13,7 +13,7 @@ alternate for `--rounds` rounds, so drift on the shared machine hits both alike.
 the median step over all rounds, and the step peak memory as bench/attention.py defines it
 (`bench.common.StepMemory`), median over rounds.
 
-Command (from the repository root; about 6 min with the defaults):
+Command (from the repository root; about 17 min with the defaults):
     .venv/bin/python bench/allocator.py [--lengths 2048 4096] [--rounds 3] [--repeats 3]
 """
 

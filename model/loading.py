@@ -149,7 +149,8 @@ def _return_freed_memory() -> None:
     layer, so RSS stayed about 0.45 GB above live memory at 2048 tokens (measured,
     bench/train.py). Fixing the threshold at glibc's initial 128 KiB keeps RSS at live
     memory. The price is page faults on fresh buffers: the QLoRA step's time did not
-    change, a full-weight fp32 step at 2048 tokens took about 8% longer (both measured).
+    change; a full-weight fp32 step took 7% longer at 2048 tokens and no longer at 4096,
+    for 1.1 and 1.0 GB less step memory (bench/allocator.py).
     A threshold the user set for glibc (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES) wins.
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get(
