@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -169,8 +170,12 @@ def test_two_processes_end_with_identical_adapters(tmp_path, base):
     """torchrun with gloo (REFERENCE: `accelerate launch --cpu` would start one process)."""
     recipe = write_recipe(tmp_path, base, train={"max_steps": 4, "save_every": 100})
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    # --standalone: a free port, so a neighbour's torchrun on the default 29500 cannot interfere.
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune.train"]
+    # A free port, so that a neighbour's torchrun on the default 29500 cannot meet ours.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(port), "-m", "finetune.train"]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*command, str(recipe)], env=env, capture_output=True, text=True, timeout=600
