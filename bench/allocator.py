@@ -1,8 +1,8 @@
 """What `load_model`'s glibc mmap threshold costs and saves on CPU: the same step, two allocators.
 
-What: the step of bench/attention.py for ours only (`load_model(path, attn_impl="sdpa")`,
-fp32, every weight trainable, forward with labels + backward, batch 1) on its 2-layer,
-d_model 2560 checkpoint, with
+What: bench/attention.py's own step worker for ours only (`load_model(path,
+attn_impl="sdpa")`, fp32, every weight trainable, forward with labels + backward, batch 1)
+on its 2-layer, d_model 2560 checkpoint, with
   mmap 128 KiB: `load_model` as shipped, which fixes glibc's mmap threshold at 128 KiB so
                 that freed activations go back to the OS;
   glibc heap:   the same, with `MALLOC_MMAP_THRESHOLD_=1073741824` in the environment,
@@ -21,48 +21,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (  # noqa: E402
-    FULL,
-    StepMemory,
-    emit_result,
-    format_table,
-    gb,
-    median,
-    prepare_checkpoint,
-    quiet_torch_worker,
-    run_worker,
-)
+from bench.common import FULL, format_table, gb, median, prepare_checkpoint, run_worker  # noqa: E402
 
 SETTINGS = {"mmap 128 KiB": {}, "glibc heap": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30)}}
-
-
-def step_worker(path: str, length: int, repeats: int) -> None:
-    """Load ours, run 1 + `repeats` full-weight steps at `length`, emit times and memory."""
-    quiet_torch_worker(flush_denormal=False)  # load_model sets flush-to-zero itself on CPU
-    import torch
-
-    from model import load_model
-
-    model = load_model(path, attn_impl="sdpa", max_seq_len=max(4096, length), device="cpu")
-    model.train()
-    model.requires_grad_(True)
-    ids = torch.randint(0, FULL["vocab"], (1, length), generator=torch.Generator().manual_seed(0))
-    memory = StepMemory()
-    memory.settle(model)
-    times = []
-    with memory:
-        for i in range(1 + repeats):
-            model.zero_grad(set_to_none=True)
-            start = time.perf_counter()
-            model(ids, labels=ids, use_cache=False).loss.backward()
-            if i:
-                times.append(time.perf_counter() - start)
-    emit_result({"times": times, **memory.figures()})
+ATTENTION_BENCH = Path(__file__).with_name("attention.py")
 
 
 def main() -> None:
@@ -71,11 +37,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after 1 warm-up")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/replit-bench-2l"))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        step_worker(str(args.dir), args.lengths[0], args.repeats)
-        return
 
     dims = {**FULL, "n_layers": 2}
     if "error" in (ckpt := prepare_checkpoint(args.dir, **dims)):
@@ -84,8 +46,9 @@ def main() -> None:
     for rnd in range(args.rounds):
         for length in args.lengths:
             for setting, env in SETTINGS.items():
-                worker = ["--worker", "--dir", str(args.dir), "--lengths", str(length)]
-                r = run_worker(Path(__file__), [*worker, "--repeats", str(args.repeats)], env=env)
+                worker = ["--worker", "ours", "--dir", str(args.dir), "--lengths", str(length)]
+                worker += ["--repeats", str(args.repeats)]
+                r = run_worker(ATTENTION_BENCH, worker, env=env)
                 if "error" in r:
                     raise SystemExit(f"{setting} at {length}: {r['error']}")
                 runs[setting, length].append(r)
