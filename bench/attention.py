@@ -70,6 +70,7 @@ from bench.common import (  # noqa: E402
     quiet_torch_worker,
     ratio_table,
     run_worker,
+    speed_cells,
 )
 
 D_MODEL, N_HEADS, VOCAB = FULL["d_model"], FULL["n_heads"], FULL["vocab"]
@@ -225,15 +226,11 @@ def report(results: dict[tuple[str, int], dict], lengths: list[int]) -> None:
             if "error" in r:
                 rows.append([LABELS[kind], str(length), r["error"], *["-"] * 8])
                 continue
-            step = median(r["times"])
             rows.append(
                 [
                     LABELS[kind],
                     str(length),
-                    f"{step:.2f}",
-                    f"{length / step:.1f}",
-                    f"{length / min(r['times']):.1f}",
-                    f"{length / median(r['cpu_times']):.1f}",
+                    *speed_cells(r, length),
                     f"{median(r['load_avg']):.1f}",
                     gb(r["rss_loaded"]),
                     gb(r["step_bytes"]),

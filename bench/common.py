@@ -264,6 +264,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
+def speed_cells(r: dict[str, Any], length: int) -> list[str]:
+    """A step worker's speed cells: median step s, tokens/s, best tok/s, tok/CPU-s."""
+    step = median(r["times"])
+    return [
+        f"{step:.2f}",
+        f"{length / step:.1f}",
+        f"{length / min(r['times']):.1f}",
+        f"{length / median(r['cpu_times']):.1f}",
+    ]
+
+
 def ratio_table(results: dict[tuple[str, int], dict], lengths: Sequence[int]) -> str:
     """Ours against the baseline per length, from step workers' results keyed (kind, length)."""
     rows = []

@@ -96,6 +96,7 @@ from bench.common import (  # noqa: E402
     prepare_checkpoint,
     quiet_torch_worker,
     ratio_table,
+    speed_cells,
 )
 
 D_MODEL, N_HEADS, VOCAB = FULL["d_model"], FULL["n_heads"], FULL["vocab"]
@@ -488,15 +489,11 @@ def report_speed(results: dict[tuple[str, int], dict], lengths: list[int]) -> No
             if "error" in r:
                 rows.append([LABELS[kind], str(length), r["error"], *["-"] * 12])
                 continue
-            step = median(r["times"])
             rows.append(
                 [
                     LABELS[kind],
                     str(length),
-                    f"{step:.2f}",
-                    f"{length / step:.1f}",
-                    f"{length / min(r['times']):.1f}",
-                    f"{length / median(r['cpu_times']):.1f}",
+                    *speed_cells(r, length),
                     f"{median(r['fwd']):.2f}",
                     f"{median(r['bwd']):.2f}",
                     f"{median(r['opt']):.3f}",
