@@ -159,18 +159,29 @@ def figure_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
-def timed_steps(step: Callable[[], float], warmup: int, repeats: int) -> dict[str, Any]:
-    """Run `step` (returns the loss); median seconds of the timed runs and peak memory."""
+def timed_steps(
+    step: Callable[[], float], model: torch.nn.Module, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """Run `step` (returns the loss); median seconds of the timed runs and peak memory.
+
+    Out of memory, `model`'s gradients are dropped and {"error": ...} is returned, so that
+    the next measurement starts clean.
+    """
     losses, times = [], []
-    for i in range(warmup + repeats):
-        if i == warmup:
-            peak_reset()
-        sync()
-        t = time.perf_counter()
-        losses.append(step())
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+    try:
+        for i in range(warmup + repeats):
+            if i == warmup:
+                peak_reset()
+            sync()
+            t = time.perf_counter()
+            losses.append(step())
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError as e:
+        model.zero_grad(set_to_none=True)
+        peak_reset()
+        return {"error": f"out of memory: {e}".splitlines()[0]}
     return {
         "step_s": statistics.median(times),
         "times": times,
@@ -240,7 +251,7 @@ def backends(
         path, compute_dtype="bf16", attn_impl="eager", device=device, max_seq_len=max(lengths)
     )
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for p in model.parameters():
         p.requires_grad_(True)
     gen = torch.Generator().manual_seed(2)
@@ -252,17 +263,14 @@ def backends(
                 continue  # FlexAttention has no CPU backward
             model.attn_impl = impl
             key = f"{impl}@{length}"
-            try:
-                r = timed_steps(training_step(model, ids, None, None), warmup, repeats)
-            except torch.OutOfMemoryError as e:
-                results[key] = {"error": f"out of memory: {e}".splitlines()[0]}
+            r = results[key] = timed_steps(
+                training_step(model, ids, None, None), model, warmup, repeats
+            )
+            if "error" in r:
                 rows.append([impl, str(length), "OOM", "", "", ""])
-                model.zero_grad(set_to_none=True)
-                peak_reset()
                 continue
             r["tok_s"] = length / r["step_s"]
             r["mfu"] = mfu(dims, length, True, r["step_s"], rate)
-            results[key] = r
             rows.append([impl, str(length), *figure_cells(r)])
             print(f"  {key}: {r['tok_s']:.0f} tok/s", flush=True)
     print(
@@ -309,17 +317,14 @@ def qlora(
         for length in lengths:
             ids = torch.randint(3, dims["vocab"], (1, length), generator=gen).to(device)
             key = f"{kind}@{length}"
-            try:
-                r = timed_steps(training_step(model, ids, optimizer, device), warmup, repeats)
-            except torch.OutOfMemoryError as e:
-                results[key] = {"error": f"out of memory: {e}".splitlines()[0]}
+            r = results[key] = timed_steps(
+                training_step(model, ids, optimizer, device), model, warmup, repeats
+            )
+            if "error" in r:
                 rows.append([kind, impl, str(length), "OOM", "", "", ""])
-                optimizer.zero_grad(set_to_none=True)
-                peak_reset()
                 break
             r.update(attn_impl=impl, load_s=load_s, tok_s=length / r["step_s"])
             r["mfu"] = mfu(dims, length, False, r["step_s"], rate)
-            results[key] = r
             rows.append([kind, impl, str(length), *figure_cells(r)])
             print(f"  {key}: {r['tok_s']:.0f} tok/s, first losses {r['losses'][:2]}", flush=True)
         del model, optimizer, params
