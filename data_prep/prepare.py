@@ -19,7 +19,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from data_prep.code import collect_code
 from data_prep.document import Document
 from data_prep.instructions import Template, load_instructions
 from data_prep.packing import Piece, chunk, pack
+from data_prep.settings import SettingError, setting
 from data_prep.tokens import encode_documents
 
 MANIFEST = "manifest.json"
@@ -41,40 +42,39 @@ SPLITS = ("train", "validation")
 class PrepConfig:
     """What to prepare: a recipe's `data:` section, or the flags of `replit-ft prep`."""
 
-    out: str
-    tokenizer: str | None = None  # a recipe's model.name when left out
-    seq_len: int = 2048
-    code: list[str] = field(default_factory=list)
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    max_file_bytes: int = 1_000_000
-    path_header: bool = False
-    instructions: list[str] = field(default_factory=list)
-    format: str = "auto"
-    template: dict[str, str] = field(default_factory=dict)
-    skip_bad: bool = False
-    packed: bool = True
-    validation_fraction: float = 0.05
-    seed: int = 0
+    out: str | None = setting(
+        None, "Folder of the prepared dataset (in a recipe: default OUTPUT_DIR/data).", path=True
+    )
+    tokenizer: str | None = setting(
+        None, "Tokenizer name or folder (in a recipe: default model.name).", path=True
+    )
+    seq_len: int = setting(2048, "Tokens per row: the context trained at.", minimum=2)
+    code: list[str] = setting([], "Code folders, git repos, files or globs.", path=True)
+    include: list[str] = setting([], "Globs of files to take (default: the 20 languages).")
+    exclude: list[str] = setting([], "Globs of files to leave out.")
+    max_file_bytes: int = setting(1_000_000, "Larger files are skipped.", minimum=1)
+    path_header: bool = setting(False, "Put each file's path in a comment on top.")
+    instructions: list[str] = setting(
+        [], "Instruction files (jsonl/json/csv/parquet) or hub datasets.", path=True
+    )
+    format: str = setting(
+        "auto",
+        "Instruction format.",
+        choices=("auto", "alpaca", "prompt_completion", "messages", "text"),
+    )
+    template: dict[str, str] = setting({}, "Prompt template parts (see data_prep.instructions).")
+    skip_bad: bool = setting(False, "Count malformed instruction records instead of failing.")
+    packed: bool = setting(True, "Best-fit pack documents into rows (else one per row).")
+    validation_fraction: float = setting(
+        0.05, "Share of documents held out for evaluation.", minimum=0, below=1
+    )
+    seed: int = setting(0, "Seed of the train/validation split.", minimum=0)
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PrepConfig:
-        """Build from a mapping, naming any key that is not a setting (a typo must not pass)."""
-        known = [f.name for f in dataclasses.fields(cls)]
-        if unknown := sorted(set(values) - set(known)):
-            raise ValueError(f"unknown data settings {unknown}; known: {', '.join(known)}")
-        return cls(**values)
-
-    def validate(self) -> None:
-        if not self.tokenizer:
-            raise ValueError("say which tokenizer to use: data.tokenizer or --tokenizer")
+    def check(self) -> None:
+        """Rules across settings (each setting's own rule is on its field)."""
         if not self.code and not self.instructions:
-            raise ValueError("nothing to prepare: give code paths and/or instruction files")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
-        if not 0 <= self.validation_fraction < 1:
-            raise ValueError(
-                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            raise SettingError(
+                "code", "nothing to prepare: give code paths and/or instruction files"
             )
 
 
@@ -90,11 +90,18 @@ class Prepared:
         return DatasetDict.load_from_disk(str(self.path))
 
 
-def prepare(config: PrepConfig, *, progress: bool = True) -> Prepared:
-    """Prepare (or reuse) the packed dataset `config` describes."""
+def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = None) -> Prepared:
+    """Prepare (or reuse) the packed dataset `config` describes.
+
+    expect: the fingerprint the data must have (a resumed run's); other data is an error,
+    raised before anything is written.
+    """
     from model import load_tokenizer
 
-    config.validate()
+    if not config.out:
+        raise ValueError("say where to write the dataset: --out DIR (or data.out)")
+    if not config.tokenizer:
+        raise ValueError("say which tokenizer to use: --tokenizer NAME_OR_PATH (or data.tokenizer)")
     out = Path(config.out)
     documents, sources, skipped = collect(config)
     if not documents:
@@ -102,6 +109,12 @@ def prepare(config: PrepConfig, *, progress: bool = True) -> Prepared:
     tokenizer = load_tokenizer(config.tokenizer)
     tokenizer_sha = _tokenizer_checksum(tokenizer)
     fingerprint = _fingerprint(config, tokenizer_sha, documents)
+    if expect is not None and fingerprint != expect:
+        raise ValueError(
+            f"the data changed since the run started (fingerprint {expect[:12]} then, "
+            f"{fingerprint[:12]} now: a file, a data setting or the tokenizer differs); a resumed "
+            "run must read the same data. Restore it, or start a new run."
+        )
     old = _read_manifest(out)
     if old is not None and old.get("fingerprint") == fingerprint:
         return Prepared(out, old, reused=True)

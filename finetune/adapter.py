@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import MptConfig
 
+from finetune.run_folder import RECORD, RunFolderError, read_record
 from model.checkpoint import (
     expected_shapes,
     read_config,
@@ -46,14 +46,20 @@ class Adapter:
     base: str  # the base as named (--base, or the adapter's base_model_name_or_path)
     base_path: Path
     base_config: MptConfig
-    recipe: dict[str, Any] | None  # ../recipe.yaml of the run
-    summary: dict[str, Any] | None  # ../metrics.json "summary" of the run
+    record: dict[str, Any] | None  # replit_ft.json: how it was trained (None: not by this kit)
 
     @property
     def max_seq_len(self) -> int:
-        """The context the adapter was trained at (recipe data.seq_len), at least the base's."""
-        trained = ((self.recipe or {}).get("data") or {}).get("seq_len") or 0
-        return max(self.base_config.max_seq_len, int(trained))
+        """The context the adapter was trained at, at least the base's."""
+        return max(self.base_config.max_seq_len, (self.record or {}).get("max_seq_len", 0))
+
+    @property
+    def recipe(self) -> dict[str, Any] | None:
+        return (self.record or {}).get("recipe")
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return (self.record or {}).get("summary")
 
 
 def check_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -> Adapter:
@@ -97,10 +103,24 @@ def check_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None = N
         warnings.warn(
             f"{path} was trained on {trained_on}; applying it to {base_name}", stacklevel=2
         )
-    run = path.parent
-    recipe = _read_yaml(run / "recipe.yaml") if (run / "recipe.yaml").is_file() else None
-    metrics = _read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
-    return Adapter(path, config, base_name, base_path, base_config, recipe, metrics.get("summary"))
+    return Adapter(path, config, base_name, base_path, base_config, _read_record(path))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """The adapter's replit_ft.json, its trained context checked (it sizes the merged model)."""
+    try:
+        record = read_record(path)
+    except RunFolderError as err:
+        raise AdapterError(str(err)) from None
+    if record is None:
+        return None
+    length = record.get("max_seq_len")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise AdapterError(
+            f"{path / RECORD}: max_seq_len is {length!r}; expected the positive context length "
+            "the adapter was trained at"
+        )
+    return record
 
 
 def _targeted_layers(file: Path, targets: Any, layers: dict[str, tuple[int, ...]]) -> set[str]:
@@ -180,11 +200,3 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AdapterError(f"{file}: expected a JSON object")
     return data
-
-
-def _read_yaml(file: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        raise AdapterError(f"{file}: not valid YAML ({err})") from err
-    return data if isinstance(data, dict) else {}

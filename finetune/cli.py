@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
-from typing import Any
-
-import yaml
 
 from model.checkpoint import check_weights, expected_shapes, read_config, resolve_checkpoint
 
@@ -47,13 +43,8 @@ def prep(args: argparse.Namespace) -> None:
     """Prepare a packed dataset from a recipe's `data:` section and/or flags, then report it."""
     from data_prep.prepare import PrepConfig, prepare
     from data_prep.report import summary
+    from data_prep.settings import SettingError, build
 
-    settings: dict[str, Any] = {}
-    if args.recipe:
-        recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
-        settings = dict(recipe.get("data") or {})
-        if "tokenizer" not in settings and (recipe.get("model") or {}).get("name"):
-            settings["tokenizer"] = recipe["model"]["name"]
     flags = {
         "code": args.code,
         "instructions": args.instructions,
@@ -70,17 +61,37 @@ def prep(args: argparse.Namespace) -> None:
         "validation_fraction": args.validation_fraction,
         "seed": args.seed,
     }
-    settings |= {k: v for k, v in flags.items() if v is not None}
-    if "out" not in settings:
-        sys.exit("replit-ft prep: say where to write the dataset: --out DIR (or data.out)")
-    result = prepare(PrepConfig.from_dict(settings), progress=not args.quiet)
+    settings = {key: value for key, value in flags.items() if value is not None}
+    if args.recipe:  # the same data, in the same folder, as `replit-ft train RECIPE` reads
+        from finetune.demo_base import ensure_tiny_base
+        from finetune.recipe import load_recipe, recipe_dict
+
+        recipe = load_recipe(args.recipe)
+        ensure_tiny_base(recipe)
+        settings = recipe_dict(recipe)["data"] | settings
+    try:
+        config = build(PrepConfig, settings)
+    except SettingError as err:
+        key = err.key.split(".")[0]
+        where = "--" + key.replace("_", "-") if key in flags else f"data.{err.key}"
+        raise ValueError(f"{where}: {err.problem}") from None
+    result = prepare(config, progress=not args.quiet)
     print(summary(result))
 
 
 def train(args: argparse.Namespace) -> None:
     from finetune.train import main as train_main
 
-    train_main([args.recipe, *args.overrides])
+    train_main([*(["--quiet"] if args.quiet else []), args.recipe, *args.overrides])
+
+
+def keys(args: argparse.Namespace) -> None:
+    """Every recipe key: type, default and what it does (declared once, in finetune.recipe)."""
+    from data_prep.settings import describe
+    from finetune.recipe import Recipe
+
+    for key, kind, default, doc in describe(Recipe):
+        print(f"{key:<28} {kind:<16} {default:<26} {doc}")
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -156,7 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     t = commands.add_parser("train", help="train LoRA adapters from a recipe")
     t.add_argument("recipe", help="YAML recipe (see recipes/)")
     t.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe fields")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(run=train)
+
+    k = commands.add_parser("keys", help="list every recipe key with its default and meaning")
+    k.set_defaults(run=keys)
 
     m = commands.add_parser("merge", help="merge a LoRA adapter into its base: a plain checkpoint")
     m.add_argument("--adapter", required=True, metavar="DIR", help="peft adapter folder")

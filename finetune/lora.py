@@ -14,16 +14,9 @@ from finetune.recipe import LoraSection, ModelSection
 from model import load_model
 from model.checkpoint import read_config, resolve_checkpoint
 
-TARGETS = ("Wqkv", "out_proj", "up_proj", "down_proj")
-
 
 def lora_config(lora: LoraSection) -> LoraConfig:
-    """peft's LoraConfig for the recipe's section; targets must be MPT projection names."""
-    if unknown := sorted(set(lora.targets) - set(TARGETS)):
-        raise ValueError(
-            f"lora.targets {unknown} match no layer of replit-code-v1-3b; use {', '.join(TARGETS)}"
-            " (mlp_up/mlp_down belong to its first release)"
-        )
+    """peft's LoraConfig for the recipe's (already checked) section."""
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

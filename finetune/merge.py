@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -33,6 +34,7 @@ from transformers import GenerationConfig
 from finetune.adapter import Adapter, check_adapter
 from finetune.lora import peft_quietly
 from finetune.model_card import dtype_name, model_card
+from finetune.run_folder import write_record
 from model import ReplitForCausalLM, load_model, load_tokenizer
 from model.checkpoint import weight_files
 from model.loading import parse_dtype
@@ -80,6 +82,7 @@ def merge(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         _plain_mpt_config(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
+        write_record(tmp, merged_record(info, out_dtype))
         (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
         _publish(tmp, out)
     except BaseException:
@@ -153,6 +156,15 @@ def _publish(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old)
+
+
+def merged_record(info: Adapter, dtype: torch.dtype) -> dict[str, Any]:
+    """The merged folder's replit_ft.json: the adapter's record, its context and the merge."""
+    return (info.record or {}) | {
+        "base": info.base,
+        "max_seq_len": info.max_seq_len,
+        "merged": {"adapter": str(info.path.resolve()), "dtype": dtype_name(dtype)},
+    }
 
 
 def _plain_mpt_config(file: Path) -> None:

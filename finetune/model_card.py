@@ -15,8 +15,8 @@ BASE_URL = "https://huggingface.co/replit/replit-code-v1-3b"
 def model_card(info: Adapter, name: str, dtype: torch.dtype) -> str:
     """README.md: what the checkpoint is, how it was trained, how to use it, and the attribution."""
     rows = "\n".join(f"| {key} | {value} |" for key, value in _training_rows(info, dtype).items())
-    if not (info.recipe or info.summary):
-        rows += "\n\nNo recipe.yaml or metrics.json was found beside the adapter."
+    if info.record is None:
+        rows += "\n\nThe adapter has no replit_ft.json: how it was trained is not recorded."
     # The hub checks base_model against its repositories: only a hub id belongs there.
     hub_base = "" if Path(info.base).expanduser().exists() else f"base_model: {info.base}\n"
     weights = dtype_name(dtype)
@@ -70,7 +70,7 @@ the same license, [CC BY-SA 4.0]({LICENSE_URL}).
 
 
 def _training_rows(info: Adapter, dtype: torch.dtype) -> dict[str, str]:
-    """The model card's table: the adapter's settings, then recipe.yaml's and metrics.json's."""
+    """The model card's table: the adapter's settings, then its record's recipe and summary."""
     lora = info.config
     targets = lora.get("target_modules")
     variants = [v for v, key in (("DoRA", "use_dora"), ("rsLoRA", "use_rslora")) if lora.get(key)]
@@ -89,7 +89,7 @@ def _training_rows(info: Adapter, dtype: torch.dtype) -> dict[str, str]:
     for key in ("lr", "micro_batch_size", "grad_accum", "schedule"):
         if key in train:
             rows[key.replace("_", " ")] = str(train[key])
-    for key in ("steps", "train_loss", "tokens_per_second", "trainable_parameters", "seconds"):
+    for key in ("steps", "final_train_loss", "final_eval_loss", "tokens", "tokens_per_second"):
         value = (info.summary or {}).get(key)
         if value is not None:
             rows[key.replace("_", " ")] = f"{value:.4g}" if isinstance(value, float) else str(value)

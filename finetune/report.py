@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from finetune.run_folder import write_json
 
-def write_report(out: Path, history: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    """metrics.json (summary + Trainer's log history) and loss.png (train and eval loss)."""
-    (out / "metrics.json").write_text(
-        json.dumps({"summary": summary, "history": history}, indent=2)
-    )
-    plot_loss(history, out / "loss.png")
+
+def write_report(
+    metrics: Path, plot: Path, history: list[dict[str, Any]], summary: dict[str, Any]
+) -> None:
+    """`metrics` (summary + Trainer's log history as JSON) and `plot` (train and eval loss)."""
+    write_json(metrics, {"summary": summary, "history": history})
+    plot_loss(history, plot)
 
 
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:

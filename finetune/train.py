@@ -1,41 +1,43 @@
 """Train LoRA adapters from a recipe: `replit-ft train RECIPE [key=value ...]`.
 
 Also `accelerate launch -m finetune.train RECIPE ...` or `torchrun -m finetune.train ...`
-for several processes. The run folder (`train.output_dir`) ends up holding:
+for several processes. What the run folder holds, and when a checkpoint counts as
+complete, is `finetune.run_folder`'s business.
 
-    adapter/        adapter_config.json + adapter_model.safetensors (peft)
-    recipe.yaml     the resolved recipe, overrides applied
-    metrics.json    the log history and a summary
-    loss.png        train and evaluation loss per step
-    checkpoint-N/   the last `keep_last` checkpoints; `train.resume=true` continues
-                    from the newest complete one with the same data order, schedule
-                    and optimizer state
-    data/           the packed dataset, unless `data.out` points elsewhere
+A run is fresh, resumed (`train.resume=true`) or replaced (`train.overwrite=true`). A
+fresh run refuses a folder that holds an earlier one. A resumed run must be the same
+run: it compares the recipe with the saved one (only the keys in `RESUMABLE` may
+change, and the change is printed) and the data with the saved fingerprint, and it
+continues from the newest complete checkpoint, skipping corrupt ones. All of that is
+checked before anything in the run folder is written.
 
 Training runs on transformers' `Trainer`: it already does gradient accumulation with
 token-level loss normalisation (it counts the labelled tokens of the whole step and
-passes `num_items_in_batch` to the model), warmup schedules, checkpoint rotation,
-exact resumption (RNG, sampler position, optimizer) and DDP/FSDP/DeepSpeed through
-accelerate. The kit adds what it lacks: packed rows taken as they are (no second
-tokenization, documents kept apart by `position_ids`), a progress bar with tokens/s,
-choosing only complete checkpoints to resume from, and the summary and plot.
+passes `num_items_in_batch` to the model), warmup schedules, exact resumption (RNG,
+sampler position, optimizer) and DDP/FSDP/DeepSpeed through accelerate. The kit adds
+what it lacks: packed rows taken as they are (no second tokenization, documents kept
+apart by `position_ids`), checks before any work, checkpoints sealed only when on disk,
+a schedule that follows a raised `max_steps`, one process doing the data and the
+printing, and the summary and plot.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
+import itertools
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from peft import get_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import (
@@ -47,58 +49,87 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from data_prep.code import collect_code
-from data_prep.prepare import prepare
+from data_prep.prepare import Prepared, prepare
+from data_prep.report import summary as data_summary
+from finetune.demo_base import ensure_tiny_base
 from finetune.lora import build_model
-from finetune.recipe import Recipe, load_recipe, recipe_dict
+from finetune.recipe import (
+    RESUMABLE,
+    Recipe,
+    RecipeError,
+    load_recipe,
+    recipe_dict,
+    recipe_from_dict,
+)
 from finetune.report import write_report
-from model.testing import write_checkpoint
+from finetune.run_folder import (
+    RunFolder,
+    is_disk_full,
+    read_json,
+    seal_checkpoint,
+    write_json,
+    write_record,
+    write_text,
+)
+from model.attention import resolve_attn_impl
+from model.loading import parse_dtype
 
 OPTIMIZERS = {"adamw": "adamw_torch", "paged_adamw_8bit": "paged_adamw_8bit", "lion": "lion_32bit"}
 
 
-def train(recipe: Recipe) -> Path:
-    """Run the recipe; return the adapter folder."""
-    state = PartialState()
-    cfg = recipe.train
-    out = Path(cfg.output_dir)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}")
-    if cfg.optimizer == "paged_adamw_8bit" and not torch.cuda.is_available():
-        raise ValueError("train.optimizer=paged_adamw_8bit needs CUDA; use adamw on CPU")
-    if cfg.wandb and importlib.util.find_spec("wandb") is None:
-        raise ValueError("train.wandb=true needs wandb: pip install wandb")
-    if cfg.schedule not in ("cosine", "linear"):
-        raise ValueError(f"train.schedule must be cosine or linear, got {cfg.schedule!r}")
-    data_cfg = recipe.data
-    data_cfg.out = data_cfg.out or str(out / "data")
-    data_cfg.tokenizer = data_cfg.tokenizer or recipe.model.name
+@dataclass
+class Plan:
+    """How this run starts: fresh, or from a checkpoint of the same run."""
 
-    with state.main_process_first():  # rank 0 writes the base and the data; the rest reuse them
-        tiny_missing = not (Path(recipe.model.name) / "config.json").is_file()
-        if state.is_main_process and recipe.model.tiny and tiny_missing:
-            _write_tiny_base(recipe)
-        data = prepare(data_cfg, progress=state.is_main_process).load()
+    resume_from: Path | None
+    data_fingerprint: str | None  # the run's data, when resuming: the data must not change
+
+
+def train(recipe: Recipe, *, quiet: bool = False) -> Path:
+    """Run the recipe; return the adapter folder."""
+    cfg = recipe.train
+    device = _device(cfg.device)
+    check_environment(recipe, device)
+    state = PartialState(cpu=device.type == "cpu")
+    main = state.is_main_process
+    say = _say if main else _silent
+    run = RunFolder(Path(cfg.output_dir))
+    plan = plan_run(run, recipe, state.num_processes, say)
+
+    prepared: list[Prepared | None] = [None]
+    if main:  # one process writes the demo base and the data; the others read them
+        ensure_tiny_base(recipe)
+        prepared[0] = prepare(recipe.data, progress=not quiet, expect=plan.data_fingerprint)
+        say(data_summary(prepared[0]))
+    broadcast_object_list(prepared)
+    data = prepared[0].load()
     data.set_format("torch")
 
-    device = torch.device(cfg.device) if cfg.device else state.device
+    if main:
+        if cfg.overwrite:
+            run.clear()
+        _drop_unusable_checkpoints(run, plan, say)
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_text(run.recipe, yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+        info = {"data_fingerprint": prepared[0].manifest["fingerprint"]}
+        write_json(run.info, info | {"processes": state.num_processes})
+    state.wait_for_everyone()
+
     set_seed(cfg.seed)  # LoRA's initial A matrices come from the global generator
     model = build_model(
         recipe.model,
         recipe.lora,
-        seq_len=data_cfg.seq_len,
+        seq_len=recipe.data.seq_len,
         device=device,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
-    if state.is_main_process:
-        model.print_trainable_parameters()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
     has_eval = len(data["validation"]) > 0
     bf16 = cfg.bf16 if cfg.bf16 is not None else _bf16_supported(device)
     args = TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(run.path),
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
@@ -114,7 +145,7 @@ def train(recipe: Recipe) -> Path:
         eval_steps=cfg.eval_every,
         save_strategy="steps",
         save_steps=cfg.save_every,
-        save_total_limit=cfg.keep_last,
+        save_total_limit=None,  # KitTrainer rotates, counting complete checkpoints only
         logging_steps=cfg.log_every,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -125,41 +156,209 @@ def train(recipe: Recipe) -> Path:
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
     )
-    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * data_cfg.seq_len * state.num_processes
-    trainer = Trainer(
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run.tensorboard)  # transformers' documented knob
+    rows_per_step = cfg.micro_batch_size * cfg.grad_accum * state.num_processes
+    tokens_per_step = rows_per_step * recipe.data.seq_len
+    trainer = KitTrainer(
+        run=run,
+        keep_last=cfg.keep_last,
         model=model,
         args=args,
         train_dataset=data["train"],
         eval_dataset=data["validation"] if has_eval else None,
         data_collator=default_data_collator,
-        callbacks=[Progress(tokens_per_step, enabled=state.is_main_process)],
+        callbacks=[LogLastStep(), Progress(tokens_per_step, enabled=main and not quiet)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    resume = newest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and state.is_main_process:
-        print(
-            f"resuming from {resume}" if resume else f"no complete checkpoint in {out}: fresh start"
-        )
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    adapter = out / "adapter"
-    trainer.save_model(str(adapter))
+    resume = str(plan.resume_from) if plan.resume_from else None
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
-    if state.is_main_process:
+    trainer.save_model(str(run.adapter))
+    if main:
+        history = trainer.state.log_history
+        steps_run = trainer.state.global_step - _step_of(plan.resume_from)
         summary = {
-            "train_loss": result.training_loss,
+            "final_train_loss": _last(history, "loss"),
+            "final_eval_loss": _last(history, "eval_loss"),
             "steps": trainer.state.global_step,
-            "seconds": round(time.perf_counter() - started, 2),
-            "tokens_per_second": _rate(trainer.state, tokens_per_step),
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "seq_len": data_cfg.seq_len,
-            "resumed_from": str(resume) if resume else None,
+            "epochs": round(trainer.state.epoch or 0.0, 3),
+            "tokens": trainer.state.global_step * tokens_per_step,
+            "processes": state.num_processes,
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(steps_run * tokens_per_step / seconds, 1),
+            "trainable_parameters": trainable,
+            "seq_len": recipe.data.seq_len,
+            "resumed_from": resume,
             "adapter_sha256_per_rank": digests,
         }
-        write_report(out, trainer.state.log_history, summary)
+        write_report(run.metrics, run.plot, history, summary)
+        write_record(run.adapter, training_record(recipe, prepared[0], model, summary))
     state.wait_for_everyone()
-    return adapter
+    return run.adapter
+
+
+def check_environment(recipe: Recipe, device: torch.device) -> None:
+    """What the recipe needs of this machine, checked before any data or model work."""
+    cfg = recipe.train
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"train.device={cfg.device}: this machine has no CUDA device")
+    if cfg.optimizer == "paged_adamw_8bit" and device.type != "cuda":
+        raise RecipeError("train.optimizer=paged_adamw_8bit needs CUDA; use adamw on CPU")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise RecipeError("train.wandb=true needs wandb: pip install wandb")
+    sharded = [name for name in ("FSDP", "DEEPSPEED") if _env_true(f"ACCELERATE_USE_{name}")]
+    if sharded and device.type != "cuda":
+        raise RecipeError(
+            f"the accelerate config {_accelerate_config()} uses {sharded[0]}, which the kit runs "
+            "on GPUs only, and this machine has none; for data parallelism on CPU use "
+            "recipes/accelerate/ddp.yaml or torchrun --standalone --nproc_per_node N"
+        )
+    dtype = recipe.model.compute_dtype or ("bf16" if device.type == "cuda" else "fp32")
+    try:
+        resolve_attn_impl(recipe.model.attn_impl, device, parse_dtype(dtype))
+    except (ImportError, ValueError) as err:
+        raise RecipeError(f"model.attn_impl={recipe.model.attn_impl}: {err}") from None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").lower() == "true"
+
+
+def _accelerate_config() -> str:
+    """The --config_file that `accelerate launch` was given (read from its command line)."""
+    for pid in (os.getppid(), os.getpid()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for flag, value in itertools.pairwise(argv):
+            if flag == b"--config_file":
+                return os.fsdecode(value)
+    return "(accelerate's default config)"
+
+
+def plan_run(run: RunFolder, recipe: Recipe, processes: int, say) -> Plan:
+    """Fresh, overwrite or resume: refuse what would lose or mix up a run. Writes nothing."""
+    cfg = recipe.train
+    if not cfg.resume:
+        run.check_fresh(cfg.overwrite)
+        return Plan(None, None)
+    if not run.holds_run():
+        run.check_fresh(overwrite=False)
+        say(f"resume: no earlier run in {run.path}: starting afresh")
+        return Plan(None, None)
+    if not run.recipe.is_file() or not run.info.is_file():
+        raise RecipeError(
+            f"train.resume=true: {run.path} holds a run without {run.recipe.name} and "
+            f"{run.info.name}, so it cannot be checked; start afresh with train.overwrite=true"
+        )
+    saved = recipe_from_dict(yaml.safe_load(run.recipe.read_text()) or {}, str(run.recipe))
+    info = read_json(run.info)
+    fixed, changed = compare_recipes(saved, recipe)
+    if info.get("processes") != processes:
+        fixed.append(("processes", info.get("processes"), processes))
+    if fixed:
+        lines = "\n".join(
+            f"  {key}: {old!r} when the run started, {new!r} now" for key, old, new in fixed
+        )
+        raise RecipeError(
+            f"train.resume=true: this is not the run in {run.path}:\n{lines}\n"
+            f"A resumed run may change only train.{', train.'.join(RESUMABLE)}. Restore the "
+            "values above, or start a new run (another train.output_dir, or train.overwrite=true)."
+        )
+    for key, old, new in changed:
+        say(f"resume: {key} {old!r} -> {new!r}")
+    checkpoint = run.newest_complete_checkpoint(say)
+    say(f"resume: from {checkpoint}" if checkpoint else "resume: no complete checkpoint, step 0")
+    return Plan(checkpoint, info.get("data_fingerprint"))
+
+
+def compare_recipes(old: Recipe, new: Recipe) -> tuple[list[tuple], list[tuple]]:
+    """(key, old, new) of the keys that differ: those a resume cannot change, and the rest."""
+    flat_old, flat_new = _flatten(recipe_dict(old)), _flatten(recipe_dict(new))
+    ignored = {"train.resume", "train.overwrite"}
+    fixed, changed = [], []
+    for key in sorted(flat_old.keys() | flat_new.keys()):
+        a, b = flat_old.get(key), flat_new.get(key)
+        if a == b or key in ignored:
+            continue
+        (changed if key.removeprefix("train.") in RESUMABLE else fixed).append((key, a, b))
+    return fixed, changed
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "template":
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _drop_unusable_checkpoints(run: RunFolder, plan: Plan, say) -> None:
+    """Checkpoints after the one resumed from (incomplete or corrupt) would be written again."""
+    for checkpoint in run.drop_after(plan.resume_from):
+        say(f"removed {checkpoint.name}: it comes after the step the run continues from")
+
+
+def training_record(
+    recipe: Recipe, data: Prepared, model, summary: dict[str, Any]
+) -> dict[str, Any]:
+    """What an adapter folder records about its training, so it describes itself anywhere."""
+    return {
+        "base": recipe.model.name,
+        "max_seq_len": model.get_base_model().config.max_seq_len,
+        "quantization": recipe.model.quantization,
+        "data": {
+            "fingerprint": data.manifest["fingerprint"],
+            "tokenizer_sha256": data.manifest["tokenizer"]["sha256"],
+            "seq_len": recipe.data.seq_len,
+            "splits": data.manifest["splits"],
+        },
+        "fim": data.manifest.get("fim"),
+        "recipe": recipe_dict(recipe),
+        "summary": summary,
+    }
+
+
+class KitTrainer(Trainer):
+    """Trainer with sealed, rotated checkpoints and a schedule that follows `max_steps`."""
+
+    def __init__(self, *args: Any, run: RunFolder, keep_last: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run, self.keep_last = run, keep_last
+
+    def _save_checkpoint(self, model, trial) -> None:
+        checkpoint = self.run.path / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                seal_checkpoint(checkpoint)
+                self.run.rotate(self.keep_last)
+        except (OSError, RuntimeError) as err:
+            if not is_disk_full(err):
+                raise
+            raise OSError(
+                f"no space left on the device while writing {checkpoint}: free some space, then "
+                "continue with train.resume=true (the incomplete checkpoint is skipped)"
+            ) from None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Load them, then set the learning rate from the schedule of this run's `max_steps`.
+
+        The optimizer state holds the learning rate of the step it was saved at. After a
+        resume with a larger `max_steps` that rate belongs to the old schedule (0 at the end
+        of an old cosine): recomputing it from the restored step count gives the rate of a
+        run planned with the new `max_steps`, and the same rate when nothing changed.
+        """
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.lr_scheduler is not None:
+            self.lr_scheduler.last_epoch -= 1
+            self.lr_scheduler.step()
 
 
 def adapter_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -180,44 +379,40 @@ def _gather(value: str) -> list[str]:
     return values
 
 
-def newest_checkpoint(out: Path) -> Path | None:
-    """The highest-numbered checkpoint whose trainer state was written (Trainer writes it last)."""
-    complete = [
-        p
-        for p in out.glob("checkpoint-*")
-        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return max(complete, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def _write_tiny_base(recipe: Recipe) -> None:
-    """The offline demo's base: random weights, a SentencePiece model trained on the data's code."""
-    tiny = recipe.model.tiny
-    corpus = collect_code(
-        recipe.data.code, include=recipe.data.include, exclude=recipe.data.exclude
-    )
-    texts = [line for doc in corpus.documents for line in doc.completion.splitlines(True)]
-    write_checkpoint(
-        recipe.model.name,
-        n_layers=tiny.n_layers,
-        d_model=tiny.d_model,
-        n_heads=tiny.n_heads,
-        vocab=tiny.vocab,
-        tokenizer=texts,
-        seed=recipe.train.seed,
-        std=tiny.std,
-    )
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def _bf16_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _rate(state, tokens_per_step: int) -> float | None:
-    runtime = next(
-        (h["train_runtime"] for h in reversed(state.log_history) if "train_runtime" in h), None
-    )
-    return round(state.global_step * tokens_per_step / runtime, 1) if runtime else None
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def _last(history: list[dict[str, Any]], key: str) -> float | None:
+    return next((h[key] for h in reversed(history) if key in h), None)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step too, so the final train loss covers the run's last steps."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 class Progress(TrainerCallback):
@@ -258,19 +453,55 @@ class Progress(TrainerCallback):
             self.bar.close()
 
 
+def report_lines(run: RunFolder) -> str:
+    """The end of a run, as the user reads it: losses, amounts, speed and where things are."""
+    summary = read_json(run.metrics)["summary"]
+
+    def loss(value: float | None) -> str:
+        return "none" if value is None else f"{value:.4f}"
+
+    return "\n".join(
+        [
+            f"done: {summary['steps']} steps, {summary['epochs']:g} epochs, "
+            f"{summary['tokens']:,} tokens on {summary['processes']} process(es)",
+            f"  loss        train {loss(summary['final_train_loss'])}, "
+            f"eval {loss(summary['final_eval_loss'])}",
+            f"  speed       {summary['tokens_per_second']:,.0f} tokens/s "
+            f"({summary['seconds']:.0f} s)",
+            f"  adapter     {run.adapter}",
+            f"  loss plot   {run.plot}",
+            f"  metrics     {run.metrics}",
+            f"  tensorboard tensorboard --logdir {run.tensorboard}",
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`python -m finetune.train RECIPE [key=value ...]` (what `replit-ft train` runs)."""
-    argv = sys.argv[1:] if argv is None else argv
+    """`python -m finetune.train [--quiet] RECIPE [key=value ...]` (what `replit-ft train` runs)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet = "--quiet" in argv
+    argv = [a for a in argv if a != "--quiet"]
     if not argv or argv[0].startswith("-"):
-        sys.exit("usage: replit-ft train RECIPE [key.sub=value ...]")
+        sys.exit("usage: replit-ft train [--quiet] RECIPE [key.sub=value ...]")
+    if quiet:
+        silence_progress_bars()
     try:
         recipe = load_recipe(argv[0], argv[1:])
+        adapter = train(recipe, quiet=quiet)
     except (OSError, ValueError) as err:
-        sys.exit(f"replit-ft train: {err}")
-    adapter = train(recipe)
+        # Every process of a multi-process run finds the same error; one says it.
+        sys.exit(f"replit-ft train: {err}" if os.environ.get("RANK", "0") == "0" else 1)
     if PartialState().is_main_process:
-        summary = json.loads((adapter.parent / "metrics.json").read_text())["summary"]
-        print(f"adapter: {adapter}\n" + "\n".join(f"  {k}: {v}" for k, v in summary.items()))
+        print(report_lines(RunFolder(adapter.parent)))
+
+
+def silence_progress_bars() -> None:
+    """No progress bar from datasets or transformers either (the kit's own obey `quiet`)."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sentencepiece as spm
 from datasets import DatasetDict
 
 from data_prep.prepare import PrepConfig, prepare
+from data_prep.settings import SettingError, build
 from finetune.cli import main as cli
 
 CODE = {
@@ -171,9 +172,21 @@ def test_empty_result_says_which_filters_removed_everything(tmp_path, sources, r
         prepare(cfg, progress=False)
 
 
-def test_unknown_setting_is_named():
-    with pytest.raises(ValueError, match=r"unknown data settings \['seq_length'\]"):
-        PrepConfig.from_dict({"out": "x", "seq_length": 10})
+def test_settings_are_checked_by_their_declared_rules():
+    with pytest.raises(SettingError, match=r"^seq_length: unknown key \(did you mean seq_len\?\)"):
+        build(PrepConfig, {"out": "x", "code": ["a"], "seq_length": 10})
+    with pytest.raises(SettingError, match=r"^seq_len: must be at least 2, got 1"):
+        build(PrepConfig, {"code": ["a"], "seq_len": 1})
+    with pytest.raises(SettingError, match=r"^validation_fraction: must be less than 1, got 1.0"):
+        build(PrepConfig, {"code": ["a"], "validation_fraction": 1})
+    with pytest.raises(SettingError, match=r"^format: 'csv' is not one of 'auto', 'alpaca'"):
+        build(PrepConfig, {"code": ["a"], "format": "csv"})
+    with pytest.raises(SettingError, match=r"^code: nothing to prepare"):
+        build(PrepConfig, {"seq_len": 64})
+    with pytest.raises(SettingError, match=r"^packed: expected true or false, got 1"):
+        build(PrepConfig, {"code": ["a"], "packed": 1})
+    built = build(PrepConfig, {"code": "a", "validation_fraction": 0})
+    assert built.code == ["a"] and built.validation_fraction == 0.0
 
 
 def test_cli_prep_prints_a_summary(tmp_path, sources, real_tokenizer_dir, capsys):
