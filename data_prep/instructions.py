@@ -42,7 +42,7 @@ _PLACEHOLDERS = {"prompt": {"instruction"}, "prompt_with_input": {"instruction",
 # What a non-UTF-8 byte becomes when a file is decoded with errors="surrogateescape", and what a
 # JSON "\udc80" escape gives: text that cannot be encoded, so never training text.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_REENCODE = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or skip such records with skip_bad"
+_REENCODE = "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or skip such records (--skip-bad)"
 
 
 @dataclass(frozen=True)
