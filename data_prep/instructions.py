@@ -227,6 +227,9 @@ def _jsonl_records(path: Path, bad: Callable[[_BadRecord], None]) -> Iterator[tu
                 message = f"malformed JSON: {err.msg} at column {err.colno}"
                 bad(_BadRecord(where, "malformed json", message))
                 continue
+            except RecursionError:
+                bad(_BadRecord(where, "malformed json", "malformed JSON: nested too deeply"))
+                continue
             yield where, record
 
 
@@ -236,6 +239,8 @@ def _json_rows(path: Path, text: str) -> list[Any]:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: malformed JSON: {err.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: malformed JSON: nested too deeply") from None
     if isinstance(data, dict):
         lists = [value for value in data.values() if isinstance(value, list)]
         if len(lists) == 1:

@@ -365,12 +365,13 @@ def test_unreadable_parquet_and_special_files_name_the_file(tmp_path):
         load_instructions(fifo)
 
 
-def test_skipped_records_are_named(tmp_path):
+def test_skipped_records_are_named_and_deep_nesting_is_malformed(tmp_path):
     path = tmp_path / "set.jsonl"
-    path.write_text("\n".join([json.dumps(ALPACA[0]), "{", json.dumps({"text": "x"}), "[]"]))
+    lines = [json.dumps(ALPACA[0]), "{", json.dumps({"text": "x"}), "[]", "[" * 100_000]
+    path.write_text("\n".join(lines))
     result = load_instructions(path, format="alpaca", skip_bad=True)
     assert result.skipped.names == {
-        "malformed json": [f"{path}:2"],
+        "malformed json": [f"{path}:2", f"{path}:5"],
         "missing fields": [f"{path}:3"],
         "not an object": [f"{path}:4"],
     }
