@@ -1,7 +1,8 @@
-"""The unit every source produces and the tokenizer consumes."""
+"""The unit every source produces and the tokenizer consumes, and the record of skipped inputs."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -17,3 +18,18 @@ class Document:
     name: str
     completion: str
     prompt: str = ""
+
+
+class Skipped(Counter):
+    """How many inputs were left out for each reason (a Counter), and `names`: which ones.
+
+    Counts alone cannot tell a user which file to fix, so every skip is recorded with `add`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: dict[str, list[str]] = {}
+
+    def add(self, reason: str, name: str) -> None:
+        self[reason] += 1
+        self.names.setdefault(reason, []).append(name)

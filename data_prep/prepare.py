@@ -5,20 +5,27 @@ The output folder holds a `datasets.DatasetDict` (`train`, `validation`) written
 token and row counts, packing efficiency, the tokenizer's checksum and the settings.
 A second run with the same inputs and settings finds the manifest's fingerprint and
 reuses the folder; any change to a file, a setting or the tokenizer redoes it. The
-folder is written under a temporary name and swapped in at the end, so an interrupted
-run never leaves a half-written dataset where a good one was.
+folder is written under a temporary name (`.OUT.tmp-PID`), fsynced and swapped in at the
+end, so an interrupted run never leaves a half-written dataset where a good one was; a
+failed run removes its temporary folder, and those of killed runs are removed by the next
+run. An exclusive lock (`.OUT.lock`, beside the folder) covers check-and-write, so of two
+processes preparing one folder, one writes and the other waits and reuses its result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import sys
 import time
-from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +35,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
 from data_prep.code import collect_code
-from data_prep.document import Document
+from data_prep.document import Document, Skipped
 from data_prep.instructions import Template, load_instructions
 from data_prep.packing import Piece, chunk, pack
 from data_prep.settings import SettingError, setting
@@ -36,6 +43,7 @@ from data_prep.tokens import encode_documents
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
+OVERLONG = ("drop", "truncate", "split")
 
 
 @dataclass
@@ -43,19 +51,20 @@ class PrepConfig:
     """What to prepare: a recipe's `data:` section, or the flags of `replit-ft prep`."""
 
     out: str | None = setting(
-        None, "Folder of the prepared dataset (in a recipe: default OUTPUT_DIR/data).", path=True
+        None, "Folder of the prepared dataset (in a recipe: default OUTPUT_DIR/data).", path="path"
     )
     tokenizer: str | None = setting(
-        None, "Tokenizer name or folder (in a recipe: default model.name).", path=True
+        None, "Tokenizer name or folder (in a recipe: default model.name).", path="path or hub id"
     )
     seq_len: int = setting(2048, "Tokens per row: the context trained at.", minimum=2)
-    code: list[str] = setting([], "Code folders, git repos, files or globs.", path=True)
+    code: list[str] = setting([], "Code folders, git repos, files or globs.", path="path")
     include: list[str] = setting([], "Globs of files to take (default: the 20 languages).")
     exclude: list[str] = setting([], "Globs of files to leave out.")
     max_file_bytes: int = setting(1_000_000, "Larger files are skipped.", minimum=1)
     path_header: bool = setting(False, "Put each file's path in a comment on top.")
+    follow_links: bool = setting(False, "Follow links that lead out of a code folder or glob base.")
     instructions: list[str] = setting(
-        [], "Instruction files (jsonl/json/csv/parquet) or hub datasets.", path=True
+        [], "Instruction files (jsonl/json/csv/parquet) or hub datasets.", path="path or hub id"
     )
     format: str = setting(
         "auto",
@@ -64,6 +73,12 @@ class PrepConfig:
     )
     template: dict[str, str] = setting({}, "Prompt template parts (see data_prep.instructions).")
     skip_bad: bool = setting(False, "Count malformed instruction records instead of failing.")
+    overlong: str = setting(
+        "drop",
+        "Instruction examples longer than seq_len: drop them, truncate the response (the "
+        "prompt stays whole), or split them into pieces.",
+        choices=OVERLONG,
+    )
     packed: bool = setting(True, "Best-fit pack documents into rows (else one per row).")
     validation_fraction: float = setting(
         0.05, "Share of documents held out for evaluation.", minimum=0, below=1
@@ -103,7 +118,7 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
     if not config.tokenizer:
         raise ValueError("say which tokenizer to use: --tokenizer NAME_OR_PATH (or data.tokenizer)")
     out = Path(config.out)
-    documents, sources, skipped = collect(config)
+    documents, examples, sources, skipped = collect(config)
     if not documents:
         raise ValueError(_nothing_left(sources, skipped))
     tokenizer = load_tokenizer(config.tokenizer)
@@ -115,47 +130,44 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
             f"{fingerprint[:12]} now: a file, a data setting or the tokenizer differs); a resumed "
             "run must read the same data. Restore it, or start a new run."
         )
-    old = _read_manifest(out)
-    if old is not None and old.get("fingerprint") == fingerprint:
-        return Prepared(out, old, reused=True)
-    if out.exists() and old is None and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists, is not empty and is not a prepared dataset")
+    with _locked(out):
+        _remove_stale(out)
+        old = _read_manifest(out)
+        if old is not None and old.get("fingerprint") == fingerprint:
+            return Prepared(out, old, reused=True)
+        if out.exists() and old is None and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out}: exists, is not empty and is not a prepared dataset")
 
-    started = time.perf_counter()
-    splits = split_documents(documents, config.validation_fraction, config.seed)
-    datasets, stats = {}, {}
-    for name in SPLITS:
-        docs = [documents[i] for i in splits[name]]
-        pieces, tokens, trained = _tokenize(tokenizer, docs, config.seq_len, progress)
-        rows = pack(pieces, config.seq_len, tokenizer.pad_token_id, packed=config.packed)
-        n_rows = len(rows["input_ids"])
-        datasets[name] = _to_dataset(rows)
-        stats[name] = {
-            "documents": len(docs),
-            "pieces": len(pieces),
-            "tokens": tokens,
-            "trained_tokens": trained,
-            "rows": n_rows,
-            "packing_efficiency": round(tokens / (n_rows * config.seq_len), 4) if n_rows else 0,
+        started = time.perf_counter()
+        datasets, stats, overlong = _build(
+            tokenizer, documents, examples, config, skipped, progress
+        )
+        if not stats["train"]["rows"]:
+            hint = " (data.overlong: truncate or split keeps them)" * bool(overlong["dropped"])
+            raise ValueError(_nothing_left(sources, skipped) + hint)
+        manifest = {
+            "fingerprint": fingerprint,
+            "sources": sources,
+            "skipped": dict(sorted(skipped.items())),
+            "skipped_files": dict(sorted(skipped.names.items())),
+            "overlong": {"policy": config.overlong, **overlong},
+            "splits": stats,
+            "tokenizer": {"name": str(config.tokenizer), "sha256": tokenizer_sha},
+            "settings": dataclasses.asdict(config),
+            "seconds": round(time.perf_counter() - started, 2),
         }
-    manifest = {
-        "fingerprint": fingerprint,
-        "sources": sources,
-        "skipped": dict(sorted(skipped.items())),
-        "splits": stats,
-        "tokenizer": {"name": str(config.tokenizer), "sha256": tokenizer_sha},
-        "settings": dataclasses.asdict(config),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    _write(out, DatasetDict(datasets), manifest)
+        _write(out, datasets, manifest)
     return Prepared(out, manifest, reused=False)
 
 
-def collect(config: PrepConfig) -> tuple[list[Document], list[dict[str, Any]], Counter[str]]:
-    """All documents of the config's sources, a report per source, and skips by reason."""
+def collect(config: PrepConfig) -> tuple[list[Document], list[bool], list[dict[str, Any]], Skipped]:
+    """All documents of the config's sources, a report per source, and the skipped inputs.
+
+    Also, per document, whether it is an instruction example (data.overlong applies) or code.
+    """
     documents: list[Document] = []
     sources: list[dict[str, Any]] = []
-    skipped: Counter[str] = Counter()
+    skipped = Skipped()
     if config.code:
         corpus = collect_code(
             config.code,
@@ -163,9 +175,10 @@ def collect(config: PrepConfig) -> tuple[list[Document], list[dict[str, Any]], C
             exclude=config.exclude,
             max_file_bytes=config.max_file_bytes,
             path_header=config.path_header,
+            follow_links=config.follow_links,
         )
         documents += corpus.documents
-        skipped.update({f"code: {k}": v for k, v in corpus.skipped.items()})
+        _add_skips(skipped, "code", corpus.skipped)
         sources.append(
             {
                 "code": [str(p) for p in config.code],
@@ -173,17 +186,25 @@ def collect(config: PrepConfig) -> tuple[list[Document], list[dict[str, Any]], C
                 "documents": len(corpus.documents),
             }
         )
+    examples = [False] * len(documents)
     template = Template.from_dict(config.template)
     for source in config.instructions:
         found = load_instructions(
             source, format=config.format, template=template, skip_bad=config.skip_bad
         )
         documents += found.documents
-        skipped.update({f"instructions: {k}": v for k, v in found.skipped.items()})
+        examples += [True] * len(found.documents)
+        _add_skips(skipped, "instructions", found.skipped)
         sources.append(
             {"instructions": str(source), "format": found.format, "documents": len(found.documents)}
         )
-    return documents, sources, skipped
+    return documents, examples, sources, skipped
+
+
+def _add_skips(into: Skipped, kind: str, found: Skipped) -> None:
+    for reason, names in found.names.items():
+        for name in names:
+            into.add(f"{kind}: {reason}", name)
 
 
 def split_documents(documents: list[Document], fraction: float, seed: int) -> dict[str, list[int]]:
@@ -199,16 +220,75 @@ def split_documents(documents: list[Document], fraction: float, seed: int) -> di
     return {"validation": sorted(order[:n_val]), "train": sorted(order[n_val:])}
 
 
+def _build(
+    tokenizer,
+    documents: list[Document],
+    examples: list[bool],
+    config: PrepConfig,
+    skipped: Skipped,
+    progress: bool,
+) -> tuple[DatasetDict, dict[str, dict[str, Any]], dict[str, int]]:
+    """The packed splits, their statistics, and how many over-long examples were dropped,
+    truncated or split (the dropped ones also go into `skipped`)."""
+    splits = split_documents(documents, config.validation_fraction, config.seed)
+    overlong = dict.fromkeys(("dropped", "truncated", "split"), 0)
+    datasets, stats = {}, {}
+    for name in SPLITS:
+        docs = [(documents[i], examples[i]) for i in splits[name]]
+        pieces, tokens, trained, kept = _tokenize(
+            tokenizer, docs, config, skipped, overlong, progress
+        )
+        rows = pack(pieces, config.seq_len, tokenizer.pad_token_id, packed=config.packed)
+        n_rows = len(rows["input_ids"])
+        datasets[name] = _to_dataset(rows)
+        stats[name] = {
+            "documents": kept,
+            "pieces": len(pieces),
+            "tokens": tokens,
+            "trained_tokens": trained,
+            "rows": n_rows,
+            "packing_efficiency": round(tokens / (n_rows * config.seq_len), 4) if n_rows else 0,
+        }
+    return DatasetDict(datasets), stats, overlong
+
+
 def _tokenize(
-    tokenizer, documents: list[Document], seq_len: int, progress: bool
-) -> tuple[list[Piece], int, int]:
+    tokenizer,
+    docs: list[tuple[Document, bool]],
+    config: PrepConfig,
+    skipped: Skipped,
+    overlong: dict[str, int],
+    progress: bool,
+) -> tuple[list[Piece], int, int, int]:
+    """Pieces of the documents, their tokens and trained tokens, and how many documents remain.
+
+    Code longer than a row is cut into row-sized pieces. An instruction example longer than a
+    row follows `config.overlong`: dropped; truncated (the prompt whole, the response cut, no
+    EOS; dropped when the prompt alone fills the row); or split into pieces like code.
+    """
+    seq_len = config.seq_len
     pieces: list[Piece] = []
-    tokens = trained_tokens = 0
-    for ids, trained in encode_documents(tokenizer, documents, progress=progress):
+    tokens = trained_tokens = kept = 0
+    encoded = encode_documents(tokenizer, [doc for doc, _ in docs], progress=progress)
+    for (doc, example), (ids, trained) in zip(docs, encoded, strict=True):
+        if example and len(ids) > seq_len:
+            if config.overlong == "split":
+                overlong["split"] += 1
+            elif config.overlong == "truncate" and trained[seq_len - 1]:
+                ids, trained = ids[:seq_len], trained[:seq_len]
+                overlong["truncated"] += 1
+            else:
+                reason = (
+                    "longer than seq_len" if config.overlong == "drop" else "prompt fills seq_len"
+                )
+                skipped.add(f"instructions: {reason}", doc.name)
+                overlong["dropped"] += 1
+                continue
         pieces += chunk(ids, trained, seq_len)
         tokens += len(ids)
         trained_tokens += int(trained.sum())
-    return pieces, tokens, trained_tokens
+        kept += 1
+    return pieces, tokens, trained_tokens, kept
 
 
 def _to_dataset(rows: dict[str, np.ndarray]) -> Dataset:
@@ -247,24 +327,108 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def _write(out: Path, data: DatasetDict, manifest: dict[str, Any]) -> None:
-    """Write beside `out`, then swap it in: a crash leaves the old output or none."""
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `out` (a `.OUT.lock` file beside it) while inside.
+
+    flock, not a lock folder: the kernel releases it when its holder dies, even by SIGKILL.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    try:
+        file = open(lock, "a")
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EROFS):
+            raise
+        yield  # a folder this process cannot write to, it can only reuse: no race to guard
+        return
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process preparing {out} (lock {lock})", file=sys.stderr)
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the `.OUT.tmp-PID` / `.OUT.old-PID` folders of processes that no longer run."""
+    for folder in out.parent.iterdir():
+        kind, _, pid = folder.name.removeprefix(f".{out.name}.").rpartition("-")
+        if folder.name.startswith(f".{out.name}.") and kind in ("tmp", "old") and pid.isdigit():
+            if not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _write(out: Path, data: DatasetDict, manifest: dict[str, Any]) -> None:
+    """Write beside `out`, fsync, then swap it in: a crash leaves the old output or none.
+
+    On any failure the temporary folder is removed; a full disk is an error saying so.
+    """
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    # One shard per split even when a split is empty: datasets cannot reload zero shards.
-    data.save_to_disk(str(tmp), num_shards={name: 1 for name in data})
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        # One shard per split even when a split is empty: datasets cannot reload zero shards.
+        data.save_to_disk(str(tmp), num_shards={name: 1 for name in data})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync_tree(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and _disk_full(err):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device holding {out.parent} while writing the dataset "
+                f"(nothing was changed; free space there or set another data.out / --out)",
+            ) from err
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
+    try:
         tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists():
+            old.rename(out)
+        raise
+    _fsync(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def _nothing_left(sources: list[dict[str, Any]], skipped: Counter[str]) -> str:
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether an error, or one it was raised from, is ENOSPC (libraries often wrap it)."""
+    while err is not None:
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _nothing_left(sources: list[dict[str, Any]], skipped: Skipped) -> str:
     seen = ", ".join(
         f"{s.get('files_seen', 0)} files under {', '.join(s['code'])}"
         if "code" in s

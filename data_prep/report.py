@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from data_prep.prepare import Prepared
+
+# Skipped names printed per reason; the manifest lists them all.
+SHOWN_NAMES = 20
 
 
 def summary(result: Prepared) -> str:
-    """Sources, skips by reason, and per split: documents, tokens, rows, packing efficiency."""
+    """Sources, skips by reason (with the first names), over-long examples, and per split:
+    documents, tokens, rows, packing efficiency."""
     m = result.manifest
     lines = [
         f"dataset  {result.path}" + ("  (reused: inputs and settings unchanged)" * result.reused)
@@ -22,8 +28,28 @@ def summary(result: Prepared) -> str:
                 f"instr.   {source['instructions']} ({source['format']}): "
                 f"{source['documents']} documents"
             )
+    names = m.get("skipped_files", {})
     for reason, count in m["skipped"].items():
         lines.append(f"skipped  {count:>8}  {reason}")
+        shown = names.get(reason, [])[:SHOWN_NAMES]
+        more = f" and {count - len(shown)} more in {result.path / 'manifest.json'}"
+        text = ", ".join(shown) + (more if count > len(shown) else "")
+        indent = " " * 19
+        lines += textwrap.wrap(
+            text,
+            100,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+    overlong = m.get("overlong", {})
+    if any(overlong.get(k) for k in ("dropped", "truncated", "split")):
+        lines.append(
+            f"overlong {overlong['dropped']:>8} dropped, {overlong['truncated']} truncated, "
+            f"{overlong['split']} split: instruction examples longer than seq_len "
+            f"(data.overlong: {overlong['policy']})"
+        )
     header = f"{'split':<11}{'docs':>8}{'tokens':>13}{'trained':>13}{'rows':>8}{'packed':>8}"
     lines += ["", header, "-" * len(header)]
     for name, s in m["splits"].items():

@@ -56,7 +56,9 @@ def prep(args: argparse.Namespace) -> None:
         "exclude": args.exclude,
         "max_file_bytes": args.max_file_bytes,
         "path_header": args.path_header or None,
+        "follow_links": args.follow_links or None,
         "skip_bad": args.skip_bad or None,
+        "overlong": args.overlong,
         "packed": False if args.no_pack else None,
         "validation_fraction": args.validation_fraction,
         "seed": args.seed,
@@ -157,7 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exclude", nargs="+", metavar="GLOB")
     p.add_argument("--max-file-bytes", type=int, metavar="N")
     p.add_argument("--path-header", action="store_true", help="put each file's path on top")
+    p.add_argument("--follow-links", action="store_true", help="follow links out of a folder")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records")
+    p.add_argument(
+        "--overlong",
+        choices=["drop", "truncate", "split"],
+        help="instruction examples longer than --seq-len (default drop)",
+    )
     p.add_argument("--no-pack", action="store_true", help="one document per padded row")
     p.add_argument("--validation-fraction", type=float, metavar="F")
     p.add_argument("--seed", type=int)

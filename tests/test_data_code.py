@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -30,6 +33,20 @@ def git(repo: Path, *args: str) -> None:
 
 def names(corpus) -> list[str]:
     return [doc.name for doc in corpus.documents]
+
+
+@pytest.fixture
+def no_hang():
+    """Fail a test that blocks (opening a FIFO) or loops (a link cycle) instead of hanging."""
+
+    def expired(signum, frame):
+        raise TimeoutError("collect_code blocked or looped for 20 s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
 
 
 def test_git_repo_takes_tracked_and_untracked_files_but_not_ignored_ones(tmp_path):
@@ -122,6 +139,9 @@ def test_skipped_files_are_counted_by_reason(tmp_path):
         }
     )
     assert corpus.files_seen == 10
+    assert corpus.skipped.names["type"] == ["logo.png", "notes.txt"]
+    assert corpus.skipped.names["duplicate"] == ["b_copy.py"]
+    assert corpus.skipped.names["unreadable"] == ["dangling.py"]
 
 
 def test_include_replaces_the_language_filter_and_exclude_always_applies(tmp_path):
@@ -245,3 +265,131 @@ def test_same_files_give_the_same_documents_in_sorted_order_whatever_the_creatio
     assert first.documents == collect_code([backward]).documents
     assert first.documents == collect_code([forward]).documents
     assert names(first) == sorted(files)
+
+
+def test_special_files_are_skipped_and_counted_never_opened(tmp_path, no_hang):
+    root = write(tmp_path / "src", {"a.py": "a = 1\n"})
+    os.mkfifo(root / "x.py")  # opened for reading, with no writer, it blocks for ever
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(root / "s.py"))
+    try:
+        walked = collect_code([root])
+        globbed = collect_code([root / "*.py"])
+        named = collect_code([root / "x.py"])
+    finally:
+        server.close()
+
+    for corpus in (walked, globbed):
+        assert names(corpus) == ["a.py"]
+        assert corpus.skipped.names == {"special file": ["s.py", "x.py"]}
+    assert named.documents == [] and named.skipped.names == {"special file": ["x.py"]}
+    assert collect_code(["/dev/null"]).skipped == Counter({"special file": 1})
+
+
+def test_link_cycles_end_and_each_real_folder_is_read_once(tmp_path, no_hang):
+    outer = write(tmp_path / "outer", {"tree/a/x.py": "x\n", "tree/b/y.py": "y\n", "z.py": "z\n"})
+    tree = outer / "tree"
+    (tree / "a" / "up").symlink_to("..")  # the tree itself
+    (tree / "b" / "loop").symlink_to("../..")  # the folder holding the tree
+    (tree / "b" / "loop2").symlink_to("../..")
+
+    for paths in ([tree], [tree / "**/*.py"]):
+        corpus = collect_code(paths)
+        assert names(corpus) == ["a/x.py", "b/y.py"]
+        assert corpus.skipped.names == {"link outside the tree": ["b/loop/", "b/loop2/"]}
+    # Followed, `outer` is read once (through the first link), and the tree in it not again.
+    followed = collect_code([tree / "**/*.py"], follow_links=True)
+    assert names(followed) == ["a/x.py", "b/loop/z.py", "b/y.py"]
+    assert followed.skipped == Counter()
+
+
+@pytest.mark.parametrize("in_git", [False, True])
+def test_links_out_of_the_tree_are_skipped_unless_followed(tmp_path, in_git):
+    outside = write(tmp_path / "outside", {"secret.py": "key = 1\n", "lib/util.py": "u = 1\n"})
+    tree = write(tmp_path / "tree", {"main.py": "m = 1\n", "pkg/real.py": "r = 1\n"})
+    (tree / "stolen.py").symlink_to(outside / "secret.py")
+    (tree / "lib").symlink_to(outside / "lib")
+    (tree / "alias.py").symlink_to("pkg/real.py")  # inside: taken; the target is then a copy
+    (tree / "pkg_link").symlink_to("pkg")  # a folder inside: read once, under its own name
+    if in_git:
+        git(tree, "init", "-q")
+
+    corpus = collect_code([tree])
+    assert names(corpus) == ["alias.py", "main.py"]
+    assert corpus.skipped.names == {
+        "link outside the tree": ["lib/", "stolen.py"],
+        "duplicate": ["pkg/real.py"],
+    }
+    followed = collect_code([tree], follow_links=True)
+    assert names(followed) == ["alias.py", "lib/util.py", "main.py", "stolen.py"]
+    # A file named directly is taken wherever its link points.
+    assert names(collect_code([tree / "stolen.py"])) == ["stolen.py"]
+
+
+GITIGNORED_TREE = {
+    ".gitignore": "*.log\nout/\n!out/o.py\n/top.py\nsecret*\n!secret_ok.py\ndeep/**/gen_*.py\n",
+    "sub/.gitignore": "!keep.log\nlocal.py\n/anchored.py\n",
+    "a.py": "1\n",
+    "top.py": "2\n",
+    "sub/top.py": "3\n",
+    "secret.py": "4\n",
+    "secret_ok.py": "5\n",
+    "sub/secret.py": "6\n",
+    "x.log": "7\n",
+    "sub/keep.log": "8\n",
+    "sub/y.log": "9\n",
+    "out/o.py": "10\n",
+    "sub/out/o2.py": "11\n",
+    "sub/local.py": "12\n",
+    "local.py": "13\n",
+    "sub/anchored.py": "14\n",
+    "sub/deeper/anchored.py": "15\n",
+    "deep/p/gen_a.py": "16\n",
+    "deep/gen_b.py": "17\n",
+    "deep/p/keep.py": "18\n",
+}
+
+
+def test_plain_folder_honours_gitignore_files_at_every_level_as_git_does(tmp_path):
+    plain = write(tmp_path / "plain", GITIGNORED_TREE)
+    reference = tmp_path / "reference"
+    shutil.copytree(plain, reference)
+    git(reference, "init", "-q")
+    env = os.environ | {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    listed = subprocess.run(
+        ["git", "-C", str(reference), "ls-files", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.split()
+
+    corpus = collect_code([plain], include=["*"])
+
+    assert names(corpus) == sorted(listed)
+    assert "secret.py" not in listed and "sub/keep.log" in listed  # the tree tests both ways
+    assert corpus.skipped == Counter()
+
+
+@pytest.mark.parametrize("in_git", [False, True])
+def test_globs_leave_out_ignored_files_in_git_trees_and_plain_folders(tmp_path, in_git):
+    repo = write(
+        tmp_path / "repo",
+        {
+            ".gitignore": ".env\nsecrets.py\n",
+            "app.py": "a\n",
+            "secrets.py": "KEY = 1\n",
+            ".env": "KEY=1\n",
+            "cfg/.env": "KEY=2\n",
+            "cfg/secrets.py": "KEY = 2\n",
+            "cfg/util.py": "u\n",
+        },
+    )
+    if in_git:
+        git(repo, "init", "-q")
+
+    assert names(collect_code([repo / "**/*.py"])) == ["app.py", "cfg/util.py"]
+    assert names(collect_code([repo / "**/.*"])) == [".gitignore"]
+    assert names(collect_code([repo / "*"])) == ["app.py"]  # a wildcard skips dot files
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        collect_code([repo / "**/secrets.*"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 from collections import Counter
@@ -305,3 +306,72 @@ def test_hub_failure_says_the_path_is_not_local(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(FileNotFoundError, match="org/set: no such local file.*hub unreachable"):
         load_instructions("org/set")
+
+
+LATIN1 = "caf\xe9".encode("latin-1")  # not UTF-8: 0xe9 starts a sequence the next byte breaks
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_non_utf8_file_names_file_and_line_and_skip_bad_skips_the_record(tmp_path, suffix):
+    path = write(tmp_path / f"set{suffix}", [*ALPACA, {"instruction": "X", "output": "Y"}])
+    data = path.read_bytes()
+    at = data.index(b"Y")
+    path.write_bytes(data[:at] + LATIN1 + data[at + 1 :])  # in the third record's output
+    line = data[:at].count(b"\n") + 1
+    column = at - data.rfind(b"\n", 0, at) + 3  # after "caf"
+    with pytest.raises(ValueError) as err:
+        load_instructions(path)
+    assert str(err.value).startswith(f"{path}:{line}: not UTF-8 (byte 0xe9 at column {column})")
+    result = load_instructions(path, skip_bad=True)
+    assert [doc.name for doc in result.documents] == names(path, 2)
+    assert result.skipped.names == {"not utf-8": [names(path, 3)[2]]}
+
+
+def test_utf8_bom_is_not_part_of_the_first_record(tmp_path):
+    for suffix in (".jsonl", ".json", ".csv"):
+        path = write(tmp_path / f"set{suffix}", ALPACA)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert [d.completion for d in load_instructions(path).documents] == ["xs[::-1]", "a + b"]
+
+
+def test_malformed_csv_names_file_and_line(tmp_path):
+    path = tmp_path / "set.csv"
+    path.write_text('instruction,output\nA,"a"\nB,b,extra\n\nC,"c\n"\n')
+    with pytest.raises(ValueError, match=f"^{path}:#1: line 3: 3 cells, the header has 2$"):
+        load_instructions(path)
+    result = load_instructions(path, skip_bad=True)
+    assert [(d.name, d.completion) for d in result.documents] == [
+        (f"{path}:#0", "a"),
+        (f"{path}:#2", "c\n"),
+    ]
+    assert result.skipped.names == {"malformed csv": [f"{path}:#1"]}
+
+    path.write_text('instruction,output\nA,"a\nB,b\n')
+    with pytest.raises(ValueError, match=f"^{path}:3: malformed CSV: unexpected end of data"):
+        load_instructions(path, skip_bad=True)
+    path.write_text("output,output\nA,a\n")
+    with pytest.raises(ValueError, match=f"^{path}:1: the header names a column twice"):
+        load_instructions(path)
+
+
+def test_unreadable_parquet_and_special_files_name_the_file(tmp_path):
+    parquet = tmp_path / "set.parquet"
+    parquet.write_bytes(b"PAR1 but not parquet")
+    with pytest.raises(ValueError, match=f"^{parquet}: not a readable Parquet file"):
+        load_instructions(parquet)
+    fifo = tmp_path / "set.jsonl"
+    os.mkfifo(fifo)  # reading it would block for ever
+    with pytest.raises(ValueError, match=f"^{fifo}: not a regular file"):
+        load_instructions(fifo)
+
+
+def test_skipped_records_are_named_and_deep_nesting_is_malformed(tmp_path):
+    path = tmp_path / "set.jsonl"
+    lines = [json.dumps(ALPACA[0]), "{", json.dumps({"text": "x"}), "[]", "[" * 100_000]
+    path.write_text("\n".join(lines))
+    result = load_instructions(path, format="alpaca", skip_bad=True)
+    assert result.skipped.names == {
+        "malformed json": [f"{path}:2", f"{path}:5"],
+        "missing fields": [f"{path}:3"],
+        "not an object": [f"{path}:4"],
+    }

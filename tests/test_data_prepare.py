@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,9 @@ import pytest
 import sentencepiece as spm
 from datasets import DatasetDict
 
+import data_prep.prepare
 from data_prep.prepare import PrepConfig, prepare
+from data_prep.report import summary
 from data_prep.settings import SettingError, build
 from finetune.cli import main as cli
 
@@ -154,6 +160,130 @@ def test_failed_write_keeps_the_old_dataset(tmp_path, sources, real_tokenizer_di
     with pytest.raises(OSError, match="disk full"):
         prepare(cfg, progress=False)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "instr.jsonl", "out", "repo"]
+
+
+def test_full_disk_is_an_error_that_says_so_and_leaves_nothing(
+    tmp_path, sources, real_tokenizer_dir, monkeypatch
+):
+    cfg = config(tmp_path, sources, real_tokenizer_dir)
+    real_save = DatasetDict.save_to_disk
+
+    def fill_disk(self, path, **kw):
+        real_save(self, path, **kw)  # a partial folder, as a real full disk leaves one
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DatasetDict, "save_to_disk", fill_disk)
+    with pytest.raises(OSError, match=f"no space left on the device holding {tmp_path} "):
+        prepare(cfg, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "instr.jsonl", "repo"]
+
+
+def test_stale_temporary_folders_of_dead_processes_are_removed(
+    tmp_path, sources, real_tokenizer_dir
+):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [f".out.tmp-{finished.pid}", f".out.old-{finished.pid}"]
+        kept = [f".out.tmp-{running.pid}", f".other.tmp-{finished.pid}", ".out.tmp-x"]
+        for name in stale + kept:
+            (tmp_path / name / "train").mkdir(parents=True)
+        prepare(config(tmp_path, sources, real_tokenizer_dir), progress=False)
+        left = {p.name for p in tmp_path.iterdir()}
+    finally:
+        running.kill()
+        running.wait()
+    assert set(kept) <= left and not set(stale) & left
+
+
+def test_two_preparations_of_one_folder_write_it_once(
+    tmp_path, sources, real_tokenizer_dir, monkeypatch, capsys
+):
+    """Threads with their own lock file descriptors: flock excludes them as it does processes."""
+    writes = []
+    real_write = data_prep.prepare._write
+
+    def slow_write(*args):
+        writes.append(threading.get_ident())
+        time.sleep(1)  # long enough for the other thread to reach the lock
+        real_write(*args)
+
+    monkeypatch.setattr(data_prep.prepare, "_write", slow_write)
+    cfg = config(tmp_path, sources, real_tokenizer_dir)
+    start = threading.Barrier(2)
+    results = []
+
+    def run():
+        start.wait()
+        results.append(prepare(PrepConfig(**vars(cfg)), progress=False))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(writes) == 1
+    assert sorted(r.reused for r in results) == [False, True]
+    assert results[0].manifest == results[1].manifest
+    assert "waiting for another process preparing" in capsys.readouterr().err
+
+
+def test_overlong_examples_drop_truncate_or_split(tmp_path, real_tokenizer_dir):
+    sp = spm.SentencePieceProcessor(model_file=str(real_tokenizer_dir / "spiece.model"))
+    short = ("def f():\n", "    return 1\n")
+    long_response = ("# add\n", "x = x + 1\n" * 30)
+    long_prompt = ("y = 2\n" * 30, "pass\n")
+    records = [short, long_response, long_prompt]
+    jsonl = tmp_path / "set.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in records))
+    assert len(sp.encode(long_prompt[0])) > 64 and len(sp.encode(long_response[1])) > 64
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "long.py").write_text("z = 3\n" * 40)  # code is chunked whatever the policy
+    base = dict(tokenizer=str(real_tokenizer_dir), seq_len=64, validation_fraction=0.0)
+    base |= dict(instructions=[str(jsonl)], code=[str(code)])
+    code_pieces = expected_pieces(sp, [("", "z = 3\n" * 40)], 64)
+    assert len(code_pieces) > 1
+
+    def rows(policy):
+        cfg = PrepConfig(out=str(tmp_path / policy), overlong=policy, **base)
+        result = prepare(cfg, progress=False)
+        found = [r for row in result.load()["train"] for r in runs(row)]
+        real = sorted(r for r in found if not (set(r[0]) == {2} and set(r[1]) == {-100}))
+        return result.manifest, real
+
+    manifest, real = rows("drop")
+    assert real == sorted(expected_pieces(sp, [short], 64) + code_pieces)
+    assert manifest["overlong"] == {"policy": "drop", "dropped": 2, "truncated": 0, "split": 0}
+    assert manifest["skipped_files"]["instructions: longer than seq_len"] == [
+        f"{jsonl}:2",
+        f"{jsonl}:3",
+    ]
+    assert manifest["splits"]["train"]["documents"] == 2
+
+    manifest, real = rows("truncate")
+    p, c = sp.encode(long_response[0]), sp.encode(long_response[1])
+    truncated = ((p + c)[:64], ([-100] * len(p) + c)[:64])  # the prompt whole, no EOS
+    assert real == sorted([*expected_pieces(sp, [short], 64), truncated, *code_pieces])
+    assert manifest["overlong"] == {"policy": "truncate", "dropped": 1, "truncated": 1, "split": 0}
+    assert manifest["skipped_files"]["instructions: prompt fills seq_len"] == [f"{jsonl}:3"]
+
+    manifest, real = rows("split")
+    assert real == sorted(expected_pieces(sp, records, 64) + code_pieces)
+    assert manifest["overlong"] == {"policy": "split", "dropped": 0, "truncated": 0, "split": 2}
+
+    text = summary(prepare(PrepConfig(out=str(tmp_path / "drop"), **base), progress=False))
+    assert "2 dropped, 0 truncated, 0 split" in text
+    assert f"{jsonl}:2, {jsonl}:3" in " ".join(text.split())
+    with pytest.raises(SettingError, match="overlong: 'cut' is not one of 'drop', 'truncate'"):
+        build(PrepConfig, dict(base, out="x", overlong="cut"))
+    only_long = dict(base, code=[], overlong="drop", out=str(tmp_path / "none"))
+    jsonl.write_text(json.dumps({"prompt": long_prompt[0], "completion": "x"}) + "\n")
+    with pytest.raises(ValueError, match="1 instructions: longer than seq_len.*truncate or split"):
+        prepare(PrepConfig(**only_long), progress=False)
 
 
 def test_malformed_line_names_file_and_line(tmp_path, sources, real_tokenizer_dir):
@@ -197,6 +327,42 @@ def test_cli_prep_prints_a_summary(tmp_path, sources, real_tokenizer_dir, capsys
     cli(argv)
     text = capsys.readouterr().out
     assert f"dataset  {out}" in text and "train" in text and "binary" in text
+    assert "pkg/blob.c" in text  # skipped files are named
     assert (out / "manifest.json").is_file()
     cli(argv)
     assert "reused" in capsys.readouterr().out
+
+
+def test_summary_names_the_first_skipped_files_and_the_manifest_all(tmp_path, real_tokenizer_dir):
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "main.py").write_text("x = 1\n")
+    for i in range(25):
+        (folder / f"notes{i:02}.txt").write_text(f"{i}\n")
+    cfg = PrepConfig(
+        out=str(tmp_path / "out"), tokenizer=str(real_tokenizer_dir), code=[str(folder)]
+    )
+    result = prepare(cfg, progress=False)
+    every = [f"notes{i:02}.txt" for i in range(25)]
+    assert result.manifest["skipped_files"] == {"code: type": every}
+    text = summary(result)
+    assert ", ".join(every[:20]) in " ".join(text.split()) and "notes20.txt" not in text
+    assert f"and 5 more in {tmp_path / 'out' / 'manifest.json'}" in " ".join(text.split())
+
+
+def test_cli_follow_links(tmp_path, real_tokenizer_dir, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.py").write_text("KEY = 1\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "main.py").write_text("x = 1\n")
+    (tree / "secret.py").symlink_to(outside / "secret.py")
+    argv = ["prep", "--code", str(tree), "--tokenizer", str(real_tokenizer_dir), "--quiet"]
+    cli([*argv, "--out", str(tmp_path / "kept")])
+    manifest = json.loads((tmp_path / "kept" / "manifest.json").read_text())
+    assert manifest["skipped_files"] == {"code: link outside the tree": ["secret.py"]}
+    assert "link outside the tree" in capsys.readouterr().out
+    cli([*argv, "--out", str(tmp_path / "followed"), "--follow-links"])
+    manifest = json.loads((tmp_path / "followed" / "manifest.json").read_text())
+    assert manifest["skipped"] == {} and manifest["sources"][0]["documents"] == 2
