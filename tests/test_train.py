@@ -204,7 +204,11 @@ def test_sigkill_of_an_overwriting_run_then_resume_matches_an_uninterrupted_run(
         found = run.newest_complete_checkpoint(lambda message: None)
         return found.name if found else None
 
-    while newest() in (None, "checkpoint-10", "checkpoint-2"):
+    def new_run_started() -> bool:  # the new run's recipe replaced the old run's (seed 7)
+        saved = crashed / "run" / "recipe.yaml"
+        return saved.is_file() and yaml.safe_load(saved.read_text())["train"]["seed"] == 0
+
+    while not new_run_started() or newest() not in ("checkpoint-4", "checkpoint-6"):
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
