@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from model.tokenizer import ReplitTokenizer, load_tokenizer
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "replit-code-v1-3b"
 STDLIB = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 
 TRICKY = [
@@ -42,15 +41,13 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def sp() -> spm.SentencePieceProcessor:
-    if not (SHARED / "spiece.model").is_file():
-        pytest.skip(f"{SHARED / 'spiece.model'} (the real tokenizer files) is missing")
-    return spm.SentencePieceProcessor(model_file=str(SHARED / "spiece.model"))
+def sp(real_tokenizer_dir) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(real_tokenizer_dir / "spiece.model"))
 
 
 @pytest.fixture(scope="module")
-def tok(sp) -> ReplitTokenizer:
-    return load_tokenizer(SHARED)
+def tok(real_tokenizer_dir) -> ReplitTokenizer:
+    return load_tokenizer(real_tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +134,9 @@ def test_pickle_keeps_ids(tok, sp):
     assert clone.encode(TRICKY[4]) == sp.encode(TRICKY[4])
 
 
-def test_save_pretrained_reloads_identically(tok, sp, saved, stdlib_texts):
-    assert (saved / "spiece.model").read_bytes() == (SHARED / "spiece.model").read_bytes()
+def test_save_pretrained_reloads_identically(tok, sp, saved, stdlib_texts, real_tokenizer_dir):
+    original = (real_tokenizer_dir / "spiece.model").read_bytes()
+    assert (saved / "spiece.model").read_bytes() == original
     config = json.loads((saved / "tokenizer_config.json").read_text())
     assert "auto_map" not in config
     assert config["tokenizer_class"] == "TokenizersBackend"
