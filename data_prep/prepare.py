@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetDict
@@ -156,7 +157,7 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
             "settings": dataclasses.asdict(config),
             "seconds": round(time.perf_counter() - started, 2),
         }
-        _write(out, datasets, manifest)
+        _write(out, datasets, manifest, progress)
     return Prepared(out, manifest, reused=False)
 
 
@@ -370,7 +371,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write(out: Path, data: DatasetDict, manifest: dict[str, Any]) -> None:
+@contextmanager
+def _datasets_progress(enabled: bool) -> Iterator[None]:
+    """datasets' own progress bars (save_to_disk's) on or off, as they were afterwards."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
+
+
+def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: bool) -> None:
     """Write beside `out`, fsync, then swap it in: a crash leaves the old output or none.
 
     On any failure the temporary folder is removed; a full disk is an error saying so.
@@ -378,8 +390,9 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any]) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        # One shard per split even when a split is empty: datasets cannot reload zero shards.
-        data.save_to_disk(str(tmp), num_shards={name: 1 for name in data})
+        with _datasets_progress(progress):
+            # One shard per split even when a split is empty: datasets cannot reload zero shards.
+            data.save_to_disk(str(tmp), num_shards={name: 1 for name in data})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _fsync_tree(tmp)
     except BaseException as err:

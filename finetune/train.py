@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -88,6 +89,8 @@ class Plan:
 def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     """Run the recipe; return the adapter folder."""
     cfg = recipe.train
+    if quiet:  # the kit's own bars obey `quiet`; transformers' weight-loading bar too
+        transformers.utils.logging.disable_progress_bar()
     device = _device(cfg.device)
     check_environment(recipe, device)
     state = PartialState(cpu=device.type == "cpu")
@@ -483,8 +486,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--quiet"]
     if not argv or argv[0].startswith("-"):
         sys.exit("usage: replit-ft train [--quiet] RECIPE [key.sub=value ...]")
-    if quiet:
-        silence_progress_bars()
     try:
         recipe = load_recipe(argv[0], argv[1:])
         adapter = train(recipe, quiet=quiet)
@@ -493,15 +494,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"replit-ft train: {err}" if os.environ.get("RANK", "0") == "0" else 1)
     if PartialState().is_main_process:
         print(report_lines(RunFolder(adapter.parent)))
-
-
-def silence_progress_bars() -> None:
-    """No progress bar from datasets or transformers either (the kit's own obey `quiet`)."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
 
 
 if __name__ == "__main__":
