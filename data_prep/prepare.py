@@ -30,10 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, DatasetDict
+from datasets import (
+    Dataset,
+    DatasetDict,
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 
 from data_prep.code import collect_code
 from data_prep.document import Document, Skipped
@@ -374,12 +379,12 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def _datasets_progress(enabled: bool) -> Iterator[None]:
     """datasets' own progress bars (save_to_disk's) on or off, as they were afterwards."""
-    was_disabled = datasets.are_progress_bars_disabled()
-    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    was_disabled = are_progress_bars_disabled()
+    (enable_progress_bars if enabled else disable_progress_bars)()
     try:
         yield
     finally:
-        (datasets.disable_progress_bars if was_disabled else datasets.enable_progress_bars)()
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
 
 
 def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: bool) -> None:
