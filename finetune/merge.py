@@ -105,7 +105,7 @@ def merge(
             raise OSError(
                 errno.ENOSPC,
                 f"{out.parent}: no space left on the disk; the merged checkpoint needs about "
-                f"{_model_bytes(info, out_dtype) / 1e9:.2f} GB there (nothing was written)",
+                f"{_model_size(info, out_dtype)} there (nothing was written)",
             ) from err
         raise
     say(f"done in {time.perf_counter() - started:.0f} s: {out}")
@@ -273,10 +273,10 @@ def _disk_full(err: BaseException) -> bool:
     return isinstance(err, SafetensorError) and "os error 28" in str(err)
 
 
-def _model_bytes(info: Adapter, dtype: torch.dtype) -> int:
-    """Size of the base's weights in `dtype`: what the merged safetensors take on disk."""
-    count = sum(math.prod(s) for s in expected_shapes(info.base_config).values())
-    return count * dtype.itemsize
+def _model_size(info: Adapter, dtype: torch.dtype) -> str:
+    """Size of the base's weights in `dtype`, what the merged safetensors take on disk."""
+    size = sum(math.prod(s) for s in expected_shapes(info.base_config).values()) * dtype.itemsize
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{max(size / 1e6, 1):.0f} MB"
 
 
 def _publish(tmp: Path, out: Path) -> None:
