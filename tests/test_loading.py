@@ -259,6 +259,11 @@ def test_bad_options(tiny_checkpoint):
         load_model(tiny_checkpoint, attn_impl="triton")
     with pytest.raises(ValueError, match="CUDA"):
         load_model(tiny_checkpoint, attn_impl="flash")
+    for length in (0, 4096.0):
+        with pytest.raises(
+            ValueError, match=f"max_seq_len must be a positive integer, got {length}"
+        ):
+            load_model(tiny_checkpoint, max_seq_len=length)
 
 
 def test_cli_inspect(tiny_checkpoint, tmp_path, capsys):

@@ -405,3 +405,12 @@ def test_integer_adapter_weights_are_refused(adapter, tmp_path):
     save_file(weights | {key: weights[key].to(torch.int32)}, bad / "adapter_model.safetensors")
     with pytest.raises(ValueError, match=rf"tensor '{re.escape(key)}' is I32; weights must be"):
         check_adapter(bad)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"use_dora": True}, {"rank_pattern": {"up_proj": 4}, "alpha_pattern": {"Wqkv": 4}}]
+)
+def test_dora_and_pattern_adapters_as_peft_saves_them_pass(base, tmp_path, settings):
+    made = make_adapter(base, tmp_path / "adapter", **settings)
+    info = check_adapter(made)
+    assert {k: info.config[k] for k in settings} == settings
