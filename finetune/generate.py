@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, set_seed
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    set_seed,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.adapter import check_adapter
@@ -130,6 +137,7 @@ def generate(
                 stopping_criteria=StoppingCriteriaList(
                     [StopOnText(tokenizer, stop, width)] if stop else []
                 ),
+                logits_processor=LogitsProcessorList([RefuseNonFinite(model.dtype)]),
                 streamer=streamer,
             )
         for offset, row in enumerate(output[:, width:].tolist()):
@@ -244,6 +252,26 @@ class StopOnText(StoppingCriteria):
             for row in input_ids[:, self.prompt_width :].tolist()
         ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class RefuseNonFinite(LogitsProcessor):
+    """Stops generation with an error when the next-token scores hold NaN or +inf.
+
+    A checkpoint with inf or NaN weights (or activations overflowing fp16) gives such
+    scores: greedy decoding then emits token 0 over and over, and sampling fails deep
+    inside torch. -inf is left alone: top-k and top-p put it there on purpose.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            raise ValueError(
+                "the model's next-token scores hold NaN or inf: its weights hold inf or NaN, "
+                f"or its activations overflow {self.dtype}"
+            )
+        return scores
 
 
 class _Streamer(BaseStreamer):

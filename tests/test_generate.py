@@ -283,3 +283,15 @@ def test_broken_tokenizer_files_are_named(tiny_checkpoint, tmp_path, name, conte
     (path / name).write_bytes(content)
     with pytest.raises(SystemExit, match=rf"^replit-ft generate: .*{message}"):
         main(["generate", "--model", str(path), "--prompt", "x"])
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0], ids=["greedy", "sampled"])
+def test_nan_weights_are_an_error_not_token_zero(tiny_checkpoint, tmp_path, temperature):
+    """Greedy decoding of NaN scores emitted `<|unk|>` forever; sampling failed inside torch."""
+    path = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    state = torch.load(path / "pytorch_model.bin", weights_only=True)
+    state["transformer.norm_f.weight"][5] = float("nan")
+    torch.save(state, path / "pytorch_model.bin")
+    model, tokenizer = load_for_generation(path)
+    with pytest.raises(ValueError, match="next-token scores hold NaN or inf: its weights hold"):
+        generate(model, tokenizer, PROMPTS[:1], temperature=temperature, max_new_tokens=4)
