@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peft.utils.other import get_pattern_key
 from transformers import MptConfig
 
 from finetune.run_folder import RECORD, RunFolderError, read_record
@@ -98,7 +99,8 @@ def check_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None = N
     same = not trained_on or trained_on == base_name or _same_dir(trained_on, base_path)
     origin = "" if same else f" (the adapter was trained on {trained_on})"
     targeted = _targeted_layers(config_file, config.get("target_modules"), layers)
-    _check_tensors(weights, layers, targeted, f"{base_name}{origin}")
+    ranks, magnitudes = _check_tensors(weights, layers, targeted, f"{base_name}{origin}")
+    _check_settings(config_file, config, ranks, magnitudes)
     if origin:  # shapes fit; a local copy of the same base is the usual reason for other names
         warnings.warn(
             f"{path} was trained on {trained_on}; applying it to {base_name}", stacklevel=2
@@ -148,9 +150,13 @@ def _targeted_layers(file: Path, targets: Any, layers: dict[str, tuple[int, ...]
 
 def _check_tensors(
     file: Path, layers: dict[str, tuple[int, ...]], targeted: set[str], base: str
-) -> None:
-    """lora_A [r, in], lora_B [out, r] and DoRA magnitudes [out] of every targeted layer."""
+) -> tuple[dict[str, int], set[str]]:
+    """lora_A [r, in], lora_B [out, r] and DoRA magnitudes [out] of every targeted layer.
+
+    Returns each targeted layer's rank and the layers that have a DoRA magnitude.
+    """
     ranks: dict[str, dict[str, int]] = {}
+    magnitudes = set()
     for key, shape in tensor_shapes(file).items():
         match = LORA_KEY.fullmatch(key)
         if match is None:
@@ -178,6 +184,8 @@ def _check_tensors(
             )
         if kind != "lora_magnitude_vector":
             ranks.setdefault(layer, {})[kind.split(".")[0]] = rank
+        else:
+            magnitudes.add(layer)
     for layer in sorted(targeted):
         found = ranks.get(layer, {})
         if set(found) != {"lora_A", "lora_B"} or found["lora_A"] != found["lora_B"]:
@@ -185,6 +193,54 @@ def _check_tensors(
                 f"{file}: layer {layer} is a target but has LoRA ranks {found or 'none'}; "
                 "expected lora_A and lora_B of one rank"
             )
+    return {layer: found["lora_A"] for layer, found in ranks.items()}, magnitudes
+
+
+def _check_settings(
+    file: Path, config: dict[str, Any], ranks: dict[str, int], magnitudes: set[str]
+) -> None:
+    """The settings peft applies, against the tensors: with a rank that is not the tensors'
+    peft fails deep inside torch, with an alpha that is no number in its arithmetic."""
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    rank_pattern, alpha_pattern = (
+        config.get("rank_pattern") or {},
+        config.get("alpha_pattern") or {},
+    )
+    if not _positive(r, int):
+        raise AdapterError(f"{file}: r is {r!r}, expected a positive integer")
+    if not isinstance(rank_pattern, dict) or not all(
+        _positive(v, int) for v in rank_pattern.values()
+    ):
+        raise AdapterError(f"{file}: rank_pattern is {rank_pattern!r}; ranks are positive integers")
+    if not _positive(alpha, (int, float)):
+        raise AdapterError(f"{file}: lora_alpha is {alpha!r}, expected a positive number")
+    if not isinstance(alpha_pattern, dict) or not all(
+        _positive(v, (int, float)) for v in alpha_pattern.values()
+    ):
+        raise AdapterError(f"{file}: alpha_pattern is {alpha_pattern!r}; alphas are numbers")
+    if config.get("lora_bias"):
+        raise AdapterError(f"{file}: lora_bias is true, but the base's linear layers have no bias")
+    dora = config.get("use_dora", False)
+    if not isinstance(dora, bool):
+        raise AdapterError(f"{file}: use_dora is {dora!r}, expected true or false")
+    for layer, rank in sorted(ranks.items()):
+        try:  # peft's rule: the first pattern that matches the end of the layer's name
+            wanted = rank_pattern.get(get_pattern_key(list(rank_pattern), layer), r)
+        except re.error as err:
+            raise AdapterError(f"{file}: rank_pattern has a bad pattern ({err})") from err
+        if rank != wanted:
+            raise AdapterError(
+                f"{file}: r is {wanted} for layer {layer}, but its tensors have rank {rank}"
+            )
+        if (layer in magnitudes) != dora:
+            has = "has" if layer in magnitudes else "lacks"
+            raise AdapterError(
+                f"{file}: use_dora is {str(dora).lower()}, but layer {layer} {has} a DoRA magnitude"
+            )
+
+
+def _positive(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool) and value > 0
 
 
 def _same_dir(name: str, path: Path) -> bool:
@@ -195,7 +251,7 @@ def _same_dir(name: str, path: Path) -> bool:
 def _read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise AdapterError(f"{file}: not valid JSON ({err})") from err
     if not isinstance(data, dict):
         raise AdapterError(f"{file}: expected a JSON object")

@@ -111,9 +111,22 @@ def merge(args: argparse.Namespace) -> None:
 
 def generate(args: argparse.Namespace) -> None:
     """Stream a single prompt's completion; print a batch's completions with `---` between."""
+    from finetune.generate import OptionError, check_options, load_for_generation, read_prompts
     from finetune.generate import generate as complete
-    from finetune.generate import load_for_generation, read_prompts
 
+    settings = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "stop": [_unescape(s) for s in args.stop],
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+    try:  # before the model loads; generate() checks the same again
+        check_options(**settings)
+    except OptionError as err:
+        raise ValueError(f"--{err.option.replace('_', '-')} {err.problem}") from None
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
     model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)
     started: set[int] = set()
@@ -124,20 +137,16 @@ def generate(args: argparse.Namespace) -> None:
             started.add(index)
         print(text, end="", flush=True)
 
-    complete(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        stop=[s.encode("latin-1", "backslashreplace").decode("unicode_escape") for s in args.stop],
-        seed=args.seed,
-        batch_size=args.batch_size,
-        on_text=show,
-    )
+    complete(model, tokenizer, prompts, **settings, on_text=show)
     print()
+
+
+def _unescape(stop: str) -> str:
+    """A --stop value with Python escapes (`\\n`, `\\t`, `\\x41`) turned into characters."""
+    try:
+        return stop.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--stop {stop!r}: {err.reason} (a backslash starts an escape)") from None
 
 
 def main(argv: list[str] | None = None) -> None:

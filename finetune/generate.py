@@ -16,6 +16,7 @@ use JSON lines for exact control).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -23,12 +24,20 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, set_seed
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    set_seed,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from finetune.adapter import check_adapter
 from finetune.lora import peft_quietly
 from model import ReplitForCausalLM, ReplitTokenizer, load_model, load_tokenizer
+from model.checkpoint import read_config, resolve_checkpoint
 
 SEPARATOR = re.compile(r"^---$\n?", re.MULTILINE)
 
@@ -48,12 +57,26 @@ def load_for_generation(
     if adapter is None:
         if model is None:
             raise ValueError("name a model, or an adapter (whose base is then used)")
-        return load_model(model, attn_impl=attn_impl), load_tokenizer(model)
+        path = resolve_checkpoint(model)
+        tokenizer = load_tokenizer(path)
+        _check_vocab(path, tokenizer, read_config(path).vocab_size)
+        return load_model(path, attn_impl=attn_impl), tokenizer
     info = check_adapter(adapter, model)
+    tokenizer = load_tokenizer(info.base_path)
+    _check_vocab(info.base_path, tokenizer, info.base_config.vocab_size)
     base = load_model(info.base_path, max_seq_len=info.max_seq_len, attn_impl=attn_impl)
     with peft_quietly():
         tuned = PeftModel.from_pretrained(base, str(info.path)).eval()
-    return tuned, load_tokenizer(info.base_path)
+    return tuned, tokenizer
+
+
+def _check_vocab(path: str | os.PathLike, tokenizer: ReplitTokenizer, vocab_size: int) -> None:
+    """The tokenizer's ids are the embedding's rows: prompts and completions need both alike."""
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} pieces but config.json's "
+            f"vocab_size is {vocab_size}; generation needs a tokenizer of the model's vocabulary"
+        )
 
 
 def generate(
@@ -78,12 +101,16 @@ def generate(
     i as soon as it is final: piece by piece while a batch of one generates, else each
     completion whole when its batch is done; the pieces add up to the returned strings.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if empty := [i for i, p in enumerate(prompts) if not p]:
-        raise ValueError(f"prompt {empty[0]} is empty: the model needs at least one token")
-    if "" in stop:
-        raise ValueError("an empty stop sequence would stop before the first token")
+    check_options(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop=stop,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    _check_prompts(tokenizer, prompts, max_new_tokens, model.config.max_seq_len)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -100,11 +127,6 @@ def generate(
         batch = list(prompts[start : start + batch_size])
         inputs = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt")
         width = inputs.input_ids.shape[1]
-        if width + max_new_tokens > model.config.max_seq_len:
-            raise ValueError(
-                f"prompts of {width} tokens plus max_new_tokens {max_new_tokens} exceed the "
-                f"model's max_seq_len {model.config.max_seq_len}"
-            )
         streamer = None
         if on_text is not None and len(batch) == 1:
             streamer = _Streamer(tokenizer, stop, lambda text, i=start: on_text(i, text))
@@ -115,6 +137,7 @@ def generate(
                 stopping_criteria=StoppingCriteriaList(
                     [StopOnText(tokenizer, stop, width)] if stop else []
                 ),
+                logits_processor=LogitsProcessorList([RefuseNonFinite(model.dtype)]),
                 streamer=streamer,
             )
         for offset, row in enumerate(output[:, width:].tolist()):
@@ -123,6 +146,75 @@ def generate(
             if on_text is not None and streamer is None:
                 on_text(start + offset, text)
     return results
+
+
+class OptionError(ValueError):
+    """A setting of `generate` out of its range; `option` is the parameter's name."""
+
+    def __init__(self, option: str, problem: str):
+        super().__init__(f"{option} {problem}")
+        self.option = option
+        self.problem = problem
+
+
+def check_options(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    stop: Sequence[str],
+    seed: int | None,
+    batch_size: int,
+) -> None:
+    """Refuse a setting of `generate` out of its range, naming it (an `OptionError`).
+
+    `generate` calls it first; a caller with slow work to do before generating (the
+    command line loads a model) calls it earlier, so the rule for each setting is here once.
+    """
+    for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not _is_int(value) or value < 1:
+            raise OptionError(option, f"must be a positive integer, got {value!r}")
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise OptionError("temperature", f"must be >= 0 (0: greedy), got {temperature!r}")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise OptionError("top_p", f"must be in (0, 1] (1: off), got {top_p!r}")
+    if not _is_int(top_k) or top_k < 0:
+        raise OptionError("top_k", f"must be an integer >= 0 (0: off), got {top_k!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+        raise OptionError("seed", f"must be an integer in [0, 2**32), got {seed!r}")
+    if isinstance(stop, str) or not all(isinstance(s, str) for s in stop):
+        raise OptionError("stop", f"must be a list of strings, got {stop!r}")
+    if "" in stop:
+        raise OptionError("stop", "must not be empty: it would stop before the first token")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_prompts(
+    tokenizer: ReplitTokenizer, prompts: Sequence[str], max_new_tokens: int, max_seq_len: int
+) -> None:
+    """Every prompt a non-empty string that leaves room for `max_new_tokens`, before any batch."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts is one string; pass a list of prompts")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt {i} is a {type(prompt).__name__}, not a string")
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: the model needs at least one token")
+    lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids] if prompts else []
+    for i, length in enumerate(lengths):
+        if length + max_new_tokens > max_seq_len:
+            raise ValueError(
+                f"prompt {i} is {length} tokens; with max_new_tokens {max_new_tokens} that "
+                f"exceeds the model's max_seq_len {max_seq_len}"
+            )
 
 
 def completion_text(tokenizer: ReplitTokenizer, ids: Sequence[int]) -> str:
@@ -160,6 +252,26 @@ class StopOnText(StoppingCriteria):
             for row in input_ids[:, self.prompt_width :].tolist()
         ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class RefuseNonFinite(LogitsProcessor):
+    """Stops generation with an error when the next-token scores hold NaN or +inf.
+
+    A checkpoint with inf or NaN weights (or activations overflowing fp16) gives such
+    scores: greedy decoding then emits token 0 over and over, and sampling fails deep
+    inside torch. -inf is left alone: top-k and top-p put it there on purpose.
+    """
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        if torch.isnan(scores).any() or torch.isposinf(scores).any():
+            raise ValueError(
+                "the model's next-token scores hold NaN or inf: its weights hold inf or NaN, "
+                f"or its activations overflow {self.dtype}"
+            )
+        return scores
 
 
 class _Streamer(BaseStreamer):
@@ -201,21 +313,41 @@ class _Streamer(BaseStreamer):
 
 
 def read_prompts(file: str | os.PathLike) -> list[str]:
-    """Prompts from a file: JSON lines (`*.jsonl`) or text with `---` lines between prompts."""
+    """Prompts from a file: JSON lines (`*.jsonl`) or text with `---` lines between prompts.
+
+    A file that is not UTF-8, holds no prompt, or has a line that is not a prompt is an
+    error naming the file (and the line).
+    """
     path = Path(file)
-    text = path.read_text()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save it as UTF-8"
+        ) from err
     if path.suffix != ".jsonl":
-        return [p for p in SEPARATOR.split(text) if p]
-    prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-        prompt = record.get("prompt") if isinstance(record, dict) else record
-        if not isinstance(prompt, str):
-            raise ValueError(f"{path}:{number}: expected a string or an object with a prompt")
-        prompts.append(prompt)
+        prompts = [p for p in SEPARATOR.split(text) if p]
+    else:
+        prompts = [_jsonl_prompt(path, n, line) for n, line in enumerate(text.splitlines(), 1)]
+        prompts = [p for p in prompts if p is not None]
+    if not prompts:
+        raise ValueError(f"{path}: holds no prompt")
     return prompts
+
+
+def _jsonl_prompt(path: Path, number: int, line: str) -> str | None:
+    """The prompt on one line of a JSON lines file; None for a blank line."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+    prompt = record.get("prompt") if isinstance(record, dict) else record
+    if not isinstance(prompt, str):
+        raise ValueError(f"{path}:{number}: expected a string or an object with a prompt")
+    if not prompt:
+        raise ValueError(f"{path}:{number}: the prompt is empty")
+    return prompt

@@ -7,18 +7,26 @@ context the adapter was trained at), safetensors weights (sharded with an index 
 training summary and the CC BY-SA 4.0 attribution the base model's license asks for.
 
 The merge happens in fp32 on a full-precision base, never on a 4-bit one (peft's
-`merge_and_unload` on a 4-bit base re-quantizes the merged weights). The folder is
-written under a temporary name beside the target and renamed at the end, so a failed
-merge leaves nothing half-written behind.
+`merge_and_unload` on a 4-bit base re-quantizes the merged weights); a tensor that holds
+inf or NaN once rounded to the output dtype is an error, never written. The folder is
+written under a temporary name beside the target (`.OUT.partial-HOST-PID`), fsynced and
+renamed at the end, so a failed merge leaves nothing half-written behind; the temporary
+folder of a merge that was killed is removed by the next merge into the same place.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import json
+import math
 import os
+import re
 import shutil
+import socket
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -27,16 +35,16 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from finetune.adapter import Adapter, check_adapter
+from finetune.adapter import ADAPTER_WEIGHTS, Adapter, AdapterError, check_adapter
 from finetune.lora import peft_quietly
 from finetune.model_card import dtype_name, model_card
 from finetune.run_folder import write_record
 from model import ReplitForCausalLM, load_model, load_tokenizer
-from model.checkpoint import weight_files
+from model.checkpoint import TIED_ALIASES, CheckpointError, expected_shapes, weight_files
 from model.loading import parse_dtype
 
 
@@ -61,11 +69,17 @@ def merge(
     info = check_adapter(adapter, base)
     _check_out(out, overwrite, [info.path, info.base_path])
     out_dtype = parse_dtype(dtype)
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: a merge writes bf16, fp16 or fp32 (--dtype)")
+    shard_bytes = _size_bytes(max_shard_size)
     tokenizer = load_tokenizer(info.base_path)  # before the long load: a base without one fails now
     say = _progress(progress)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_partials(out):
+        say(f"removing {stale}, left by a merge that was killed")
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}"
     tmp.mkdir()
     try:
         say(f"loading {info.base} ({dtype_name(out_dtype)}, max_seq_len {info.max_seq_len})")
@@ -74,26 +88,55 @@ def merge(
         model = load_model(
             info.base_path, compute_dtype=out_dtype, max_seq_len=info.max_seq_len, device="cpu"
         )
-        model = _merge_in_fp32(model, info, out_dtype, progress)
+        with _original_weights(info.base_path) as original:
+            model = _merge_in_fp32(model, info, out_dtype, original, progress)
+            _check_finite(model, out_dtype, original, info)
         say(f"writing {out}")
         model.generation_config = GenerationConfig(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, max_shard_size=shard_bytes)
         _plain_mpt_config(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
         write_record(tmp, merged_record(info, out_dtype))
         (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
+        _seal(tmp)
         _publish(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err):
+            raise OSError(
+                errno.ENOSPC,
+                f"{out.parent}: no space left on the disk; the merged checkpoint needs about "
+                f"{_model_size(info, out_dtype)} there (nothing was written)",
+            ) from err
         raise
     say(f"done in {time.perf_counter() - started:.0f} s: {out}")
     return out
 
 
+OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]B)\s*", re.IGNORECASE)
+
+
+def _size_bytes(size: int | str) -> int:
+    """`max_shard_size` in bytes: a positive int, or a string like "5GB" or "500MB"."""
+    count = size
+    if isinstance(size, str) and (match := SIZE.fullmatch(size)):
+        count = int(float(match[1]) * 1000 ** "KMGT".index(match[2][0].upper()) * 1000)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(
+            f"max_shard_size {size!r}: expected a size like 5GB or 500MB (--max-shard-size)"
+        )
+    return count
+
+
 def _merge_in_fp32(
-    model: ReplitForCausalLM, info: Adapter, dtype: torch.dtype, progress: bool
+    model: ReplitForCausalLM,
+    info: Adapter,
+    dtype: torch.dtype,
+    original: Callable[[str], torch.Tensor],
+    progress: bool,
 ) -> ReplitForCausalLM:
     """peft merges each LoRA layer into the base weight as stored, in fp32, then casts to `dtype`.
 
@@ -105,13 +148,47 @@ def _merge_in_fp32(
     with peft_quietly():
         peft_model = PeftModel.from_pretrained(model, str(info.path))
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-    with _original_weights(info.base_path) as original:
-        for name, layer in tqdm(layers, desc="merge", unit="layer", disable=not progress):
-            weight = layer.get_base_layer().weight
-            weight.data = original(f"{name}.weight").to(torch.float32, copy=True)
-            layer.merge(safe_merge=True)  # safe: refuses weights that became NaN or inf
-            weight.data = weight.data.to(dtype)
+    for name, layer in tqdm(layers, desc="merge", unit="layer", disable=not progress):
+        weight = layer.get_base_layer().weight
+        weight.data = original(f"{name}.weight").to(torch.float32, copy=True)
+        if not torch.isfinite(weight.data).all():
+            raise _base_not_finite(info, f"{name}.weight")
+        layer.merge()
+        if not torch.isfinite(weight.data).all():
+            raise AdapterError(
+                f"{info.path / ADAPTER_WEIGHTS}: merged into {name}.weight it gives inf or NaN "
+                "even in fp32; the adapter's weights are broken (inf, NaN or huge)"
+            )
+        weight.data = weight.data.to(dtype)
     return peft_model.unload()
+
+
+def _check_finite(
+    model: ReplitForCausalLM,
+    dtype: torch.dtype,
+    original: Callable[[str], torch.Tensor],
+    info: Adapter,
+) -> None:
+    """Refuse to write a tensor holding inf or NaN once rounded to the output dtype.
+
+    A value beyond fp16's range (65504) becomes inf when rounded, silently; a base that
+    already holds inf or NaN is named as the cause instead.
+    """
+    for name, tensor in model.state_dict().items():
+        if torch.isfinite(tensor).all():
+            continue
+        if not torch.isfinite(original(name)).all():
+            raise _base_not_finite(info, name)
+        wider = {torch.float16: "bf16", torch.bfloat16: "fp32"}.get(dtype)
+        hint = f"; merge with --dtype {wider} (dtype='{wider}')" if wider else ""
+        raise ValueError(
+            f"tensor {name!r} has values beyond {dtype_name(dtype)}'s range after the merge, "
+            f"which would be written as inf{hint}"
+        )
+
+
+def _base_not_finite(info: Adapter, name: str) -> CheckpointError:
+    return CheckpointError(f"{info.base_path}: tensor {name!r} of the base holds inf or NaN")
 
 
 @contextmanager
@@ -124,8 +201,10 @@ def _original_weights(path: Path) -> Iterator[Callable[[str], torch.Tensor]]:
                 handle = stack.enter_context(safe_open(file, framework="pt"))
                 readers |= {k: (lambda h=handle, k=k: h.get_tensor(k)) for k in handle.keys()}
             else:  # mmap: each tensor is read from the page cache when used, not all at once
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                mmap = zipfile.is_zipfile(file)  # the legacy format cannot be mapped
+                state = torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
                 readers |= {k: (lambda v=v: v) for k, v in state.items()}
+        readers = {TIED_ALIASES.get(k, k): read for k, read in readers.items()}
         yield lambda name: readers[name]()
 
 
@@ -141,6 +220,66 @@ def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     for path in inputs:
         if out.resolve() in (path.resolve(), *path.resolve().parents):
             raise ValueError(f"{out}: holds {path}, which this merge reads; write elsewhere")
+
+
+PARTIAL = ".partial-"  # .OUT.partial-HOST-PID: the folder a merge writes before its rename
+
+
+def _stale_partials(out: Path) -> list[Path]:
+    """Temporary folders beside `out` left by killed merges: this host's, of dead processes.
+
+    A folder of another host (a shared file system) or of a live process is never touched;
+    `.OUT.partial-PID` (no host) is an older version's name for this host's folders.
+    """
+    stale = []
+    host = socket.gethostname()
+    for folder in out.parent.glob(f".{glob.escape(out.name)}{PARTIAL}*"):
+        owner_host, _, pid = folder.name.rsplit(PARTIAL, 1)[1].rpartition("-")
+        if owner_host in ("", host) and pid.isdigit() and not _alive(int(pid)):
+            stale.append(folder)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _seal(folder: Path) -> None:
+    """Give every written file the mode a plain `open()` would (0644 under umask 022), fsynced.
+
+    safetensors writes its files 0600; a checkpoint is meant to be read by others.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC from Python's writes, or from safetensors' (which reports it as text)."""
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return isinstance(err, SafetensorError) and "os error 28" in str(err)
+
+
+def _model_size(info: Adapter, dtype: torch.dtype) -> str:
+    """Size of the base's weights in `dtype`, what the merged safetensors take on disk."""
+    size = sum(math.prod(s) for s in expected_shapes(info.base_config).values()) * dtype.itemsize
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{max(size / 1e6, 1):.0f} MB"
 
 
 def _publish(tmp: Path, out: Path) -> None:

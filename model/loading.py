@@ -77,8 +77,8 @@ def load_model(
     config = read_config(path)
     check_weights(path, config)
     if max_seq_len is not None:
-        if max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         config.max_seq_len = max_seq_len
 
     if quantization == "nf4":

@@ -30,6 +30,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import BatchEncoding, PaddingStrategy, TruncationStrategy
 
+from model.checkpoint import read_json_object
+
 SPM_FILE = "spiece.model"
 TOKENIZERS_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -78,7 +80,15 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> ReplitTokenizer:
             f"{path / SPM_FILE} not found: the tokenizer needs the SentencePiece model "
             f"(a folder with {SPM_FILE}, as published or as save_pretrained writes it)"
         )
-    return ReplitTokenizer.from_pretrained(str(path))
+    for name in HUB_FILES[1:]:
+        if (path / name).is_file():
+            read_json_object(path / name)  # an array or broken JSON would fail deep inside
+    try:
+        return ReplitTokenizer.from_pretrained(str(path))
+    except RuntimeError as err:  # sentencepiece's "could not parse ModelProto"
+        raise ValueError(f"{path / SPM_FILE}: not a SentencePiece model ({err})") from err
+    except (TypeError, ValueError, AttributeError, KeyError) as err:
+        raise ValueError(f"{path}: tokenizer files unusable ({type(err).__name__}: {err})") from err
 
 
 def _looks_like_path(name: str) -> bool:

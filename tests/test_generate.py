@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from finetune.cli import main
-from finetune.generate import completion_text, finish, generate, load_for_generation, read_prompts
+from finetune.generate import (
+    OptionError,
+    completion_text,
+    finish,
+    generate,
+    load_for_generation,
+    read_prompts,
+)
 from finetune.merge import merge
 from model import load_model, load_tokenizer
+from model.testing import write_checkpoint
 
 PROMPTS = ["def fib(n):\n", "import os", "class Stack:\n    def __init__(self):"]
 GREEDY = {"temperature": 0, "max_new_tokens": 12}
@@ -171,3 +180,118 @@ def test_command_line(loaded, tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "adapter").mkdir()
     with pytest.raises(SystemExit, match=r"replit-ft generate: .*adapter_config\.json: missing"):
         main([*command, "--adapter", str(tmp_path / "adapter"), "--prompt", "x"])
+
+
+BAD_OPTIONS = [
+    ("batch_size", 0, "must be a positive integer, got 0"),
+    ("max_new_tokens", 0, "must be a positive integer, got 0"),
+    ("top_p", 1.5, r"must be in \(0, 1\] \(1: off\), got 1.5"),
+    ("top_p", 0.0, r"must be in \(0, 1\] \(1: off\), got 0.0"),
+    ("temperature", -0.5, r"must be >= 0 \(0: greedy\), got -0.5"),
+    ("temperature", float("nan"), r"must be >= 0 \(0: greedy\), got nan"),
+    ("top_k", -1, r"must be an integer >= 0 \(0: off\), got -1"),
+    ("seed", -1, r"must be an integer in \[0, 2\*\*32\), got -1"),
+]
+
+
+@pytest.mark.parametrize("option, value, message", BAD_OPTIONS)
+def test_bad_options_are_named_by_the_library(loaded, option, value, message):
+    model, tokenizer = loaded
+    with (
+        ForwardCounter(model) as counter,
+        pytest.raises(OptionError, match=rf"^{option} {message}"),
+    ):
+        generate(model, tokenizer, PROMPTS, **{option: value})
+    assert counter.calls == 0
+
+
+@pytest.mark.parametrize("option, value, message", BAD_OPTIONS)
+def test_bad_options_are_named_by_the_command_line_before_loading(tmp_path, option, value, message):
+    """The model does not exist: the option's error comes first, from the library's rule."""
+    flag = "--" + option.replace("_", "-")
+    command = ["generate", "--model", str(tmp_path / "none"), "--prompt", "x", flag, str(value)]
+    with pytest.raises(SystemExit, match=rf"^replit-ft generate: {flag} {message}$"):
+        main(command)
+
+
+def test_bad_stop_sequences(loaded, tmp_path):
+    model, tokenizer = loaded
+    with pytest.raises(OptionError, match="stop must not be empty"):
+        generate(model, tokenizer, PROMPTS, stop=["\n", ""])
+    command = ["generate", "--model", str(tmp_path), "--prompt", "x", "--stop"]
+    with pytest.raises(SystemExit, match=r"replit-ft generate: --stop must not be empty"):
+        main([*command, ""])
+    with pytest.raises(SystemExit, match=r"replit-ft generate: --stop '\\\\x': truncated"):
+        main([*command, "\\x"])
+
+
+def test_prompts_are_checked_before_any_batch_runs(loaded):
+    model, tokenizer = loaded
+    long = "x = 1\n" * 700
+    length = len(tokenizer(long).input_ids)
+    with ForwardCounter(model) as counter:
+        with pytest.raises(ValueError, match=rf"prompt 3 is {length} tokens; .* max_seq_len 2048"):
+            generate(model, tokenizer, [*PROMPTS, long], batch_size=1, **GREEDY)
+        with pytest.raises(ValueError, match="prompts is one string; pass a list"):
+            generate(model, tokenizer, "def f():", **GREEDY)
+        with pytest.raises(ValueError, match="prompt 1 is a NoneType, not a string"):
+            generate(model, tokenizer, ["a", None], **GREEDY)
+    assert counter.calls == 0
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", b"", r"empty.txt: holds no prompt"),
+        ("separators.txt", b"---\n---\n", r"separators.txt: holds no prompt"),
+        ("blank.jsonl", b"\n\n", r"blank.jsonl: holds no prompt"),
+        ("latin1.txt", b"def f():\n---\ncaf\xe9\n", r"latin1.txt:3: not UTF-8 text \(byte 0xe9\)"),
+        ("latin1.jsonl", b'"a"\n"caf\xe9"\n', r"latin1.jsonl:2: not UTF-8 text"),
+        ("bad.jsonl", b'"a"\n\n{"prompt": \n', r"bad.jsonl:3: not valid JSON"),
+        ("deep.jsonl", b"[" * 100_000, r"deep.jsonl:1: not valid JSON"),
+        ("empty.jsonl", b'{"prompt": ""}\n', r"empty.jsonl:1: the prompt is empty"),
+        ("object.jsonl", b'{"text": "a"}\n', r"object.jsonl:1: expected a string or an object"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        read_prompts(tmp_path / name)
+    command = ["generate", "--model", str(tmp_path), "--prompt-file", str(tmp_path / name)]
+    with pytest.raises(SystemExit, match=rf"^replit-ft generate: .*{message}"):
+        main(command)
+
+
+def test_tokenizer_of_another_vocabulary_is_refused(real_tokenizer_dir, tmp_path):
+    path = write_checkpoint(
+        tmp_path, n_layers=1, d_model=32, n_heads=4, vocab=64, tokenizer=real_tokenizer_dir
+    )
+    with pytest.raises(ValueError, match=r"tokenizer has 32768 pieces but config.json's vocab_si"):
+        load_for_generation(path)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("spiece.model", b"not a model", r"spiece.model: not a SentencePiece model"),
+        ("tokenizer_config.json", b"[1]", r"tokenizer_config.json: holds a JSON array"),
+        ("special_tokens_map.json", b"{", r"special_tokens_map.json: not valid JSON"),
+    ],
+)
+def test_broken_tokenizer_files_are_named(tiny_checkpoint, tmp_path, name, content, message):
+    path = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    (path / name).write_bytes(content)
+    with pytest.raises(SystemExit, match=rf"^replit-ft generate: .*{message}"):
+        main(["generate", "--model", str(path), "--prompt", "x"])
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0], ids=["greedy", "sampled"])
+def test_nan_weights_are_an_error_not_token_zero(tiny_checkpoint, tmp_path, temperature):
+    """Greedy decoding of NaN scores emitted `<|unk|>` forever; sampling failed inside torch."""
+    path = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
+    state = torch.load(path / "pytorch_model.bin", weights_only=True)
+    state["transformer.norm_f.weight"][5] = float("nan")
+    torch.save(state, path / "pytorch_model.bin")
+    model, tokenizer = load_for_generation(path)
+    with pytest.raises(ValueError, match="next-token scores hold NaN or inf: its weights hold"):
+        generate(model, tokenizer, PROMPTS[:1], temperature=temperature, max_new_tokens=4)

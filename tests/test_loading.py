@@ -259,6 +259,11 @@ def test_bad_options(tiny_checkpoint):
         load_model(tiny_checkpoint, attn_impl="triton")
     with pytest.raises(ValueError, match="CUDA"):
         load_model(tiny_checkpoint, attn_impl="flash")
+    for length in (0, 4096.0):
+        with pytest.raises(
+            ValueError, match=f"max_seq_len must be a positive integer, got {length}"
+        ):
+            load_model(tiny_checkpoint, max_seq_len=length)
 
 
 def test_cli_inspect(tiny_checkpoint, tmp_path, capsys):
@@ -270,3 +275,215 @@ def test_cli_inspect(tiny_checkpoint, tmp_path, capsys):
         assert expected in out
     with pytest.raises(SystemExit, match="replit-ft inspect: .*config.json"):
         cli(["inspect", str(tmp_path)])
+
+
+def edit_config(path: Path, **changes) -> Path:
+    """The checkpoint's config.json with `changes` (a value of None removes the key)."""
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        elif key == "attn_config":
+            config[key] = config[key] | value if isinstance(value, dict) else value
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"n_heads": 5}, r"n_heads 5 does not divide d_model 32"),
+        ({"n_heads": "4"}, r"n_heads is '4', expected a positive integer"),
+        ({"d_model": 32.0}, r"d_model is 32.0, expected a positive integer"),
+        ({"n_layers": 0}, r"n_layers is 0, expected a positive integer"),
+        ({"max_seq_len": -1}, r"max_seq_len is -1, expected a positive integer"),
+        ({"vocab_size": None}, r"no vocab_size"),
+        ({"attn_config": [1]}, r"attn_config is a JSON array, expected an object"),
+        ({"attn_config": {"alibi": False}}, r"attn_config.alibi=False is not supported"),
+        (
+            {"attn_config": {"attn_type": "multiquery_attention"}},
+            r"attn_config.attn_type='multiquery_attention' is not supported",
+        ),
+        ({"attn_config": {"softmax_scale": -1}}, r"attn_config.softmax_scale is -1, expected a"),
+        ({"attn_config": {"alibi_bias_max": "8"}}, r"attn_config.alibi_bias_max is '8', expected"),
+        ({"layer_norm_epsilon": 0}, r"layer_norm_epsilon is 0, expected a positive number"),
+        ({"norm_type": "rmsnorm"}, r"norm_type='rmsnorm' is not supported"),
+        ({"quantization_config": {"load_in_4bit": True}}, r"has a quantization_config"),
+    ],
+)
+def test_bad_config_names_file_and_key(tmp_path, changes, message):
+    path, _ = small(tmp_path)
+    edit_config(path, **changes)
+    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: {message}"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[{}]", "holds a JSON array, expected an object"),
+        (b'{"model_type": "mpt",', "not valid JSON"),
+        (b'{"model_type": "mp\xe9"}', "not UTF-8 text"),
+        (b"[" * 100_000, "JSON nested too deeply"),
+    ],
+)
+def test_config_that_is_no_json_object(tmp_path, content, message):
+    path, _ = small(tmp_path)
+    (path / "config.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"config.json: {message}"):
+        load_model(path)
+    with pytest.raises(SystemExit, match=rf"^replit-ft inspect: .*config.json: {message}"):
+        cli(["inspect", str(path)])
+
+
+def test_vocab_size_that_is_not_the_embedding_names_both(tmp_path):
+    path, _ = small(tmp_path)
+    edit_config(path, vocab_size=128)
+    with pytest.raises(
+        CheckpointError,
+        match=r"'transformer.wte.weight' has shape \[64, 32\], config.json implies \[128, 32\] "
+        r"\(vocab_size x d_model\)",
+    ):
+        load_model(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    path, state = small(tmp_path)
+    (path / "pytorch_model.bin").unlink()
+    state["transformer.blocks.0.attn.Wqkv.weight"] = state[
+        "transformer.blocks.0.attn.Wqkv.weight"
+    ].to(dtype)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'transformer.blocks.0.attn.Wqkv.weight' is "
+        r"(I32|BOOL|F8_E4M3); weights must be floating point",
+    ):
+        load_model(path)
+
+
+def test_pickled_weights_must_be_floating_point_tensors(tmp_path):
+    path, state = small(tmp_path)
+    torch.save(
+        state | {"transformer.norm_f.weight": torch.ones(32, dtype=torch.long)},
+        path / "pytorch_model.bin",
+    )
+    with pytest.raises(CheckpointError, match=r"'transformer.norm_f.weight' is int64; weights"):
+        load_model(path)
+    torch.save({"state_dict": state}, path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: entry 'state_dict' is a dict"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keep", [0, 7, 9, 200])
+def test_truncated_safetensors_header(tiny_checkpoint, tmp_path, keep):
+    """Cut inside the 8-byte length, inside the JSON header, or right after its start."""
+    load_model(tiny_checkpoint).save_pretrained(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:keep])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: unreadable, truncated"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+@pytest.mark.parametrize("keep", [0, 0.1, 0.9])
+def test_truncated_pickle(tmp_path, legacy, keep):
+    path, state = small(tmp_path)
+    torch.save(state, path / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    data = (path / "pytorch_model.bin").read_bytes()
+    (path / "pytorch_model.bin").write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: unreadable, truncated"):
+        load_model(path)
+
+
+def test_legacy_pickle_loads_as_transformers_reads_it(tiny_checkpoint, baseline, tmp_path):
+    """torch.save's pre-1.6 format cannot be memory-mapped: it is read whole, as by transformers."""
+    copy_config(tiny_checkpoint, tmp_path)
+    state = torch.load(tiny_checkpoint / "pytorch_model.bin", weights_only=True)
+    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert torch.equal(logits(load_model(tmp_path)), baseline)
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_checkpoint, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sharded")
+    load_model(tiny_checkpoint).save_pretrained(path, max_shard_size="2MB")
+    return path
+
+
+def sharded_copy(sharded: Path, tmp_path: Path) -> tuple[Path, Path, dict]:
+    path = shutil.copytree(sharded, tmp_path / "copy")
+    index = path / "model.safetensors.index.json"
+    return path, index, json.loads(index.read_text())
+
+
+def test_index_that_misplaces_a_tensor(sharded, tmp_path):
+    path, index, content = sharded_copy(sharded, tmp_path)
+    weight_map = content["weight_map"]
+    first = next(iter(weight_map))
+    other = next(s for s in weight_map.values() if s != weight_map[first])
+    weight_map[first] = other
+    index.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=rf"index.json: puts '{first}' in {other}, but it is"):
+        load_model(path)
+
+
+def test_index_that_names_a_tensor_no_shard_holds(sharded, tmp_path):
+    path, index, content = sharded_copy(sharded, tmp_path)
+    content["weight_map"]["transformer.blocks.9.attn.Wqkv.weight"] = next(
+        iter(content["weight_map"].values())
+    )
+    index.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=r"lists tensor 'transformer.blocks.9.attn.Wqkv"):
+        load_model(path)
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [
+        ({"transformer.wte.weight": "../pytorch_model.bin"}, r"expected a file name in this"),
+        ([], r"weight_map is \[\], expected tensor: shard file"),
+    ],
+)
+def test_index_with_a_bad_weight_map(sharded, tmp_path, weight_map, message):
+    path, index, content = sharded_copy(sharded, tmp_path)
+    index.write_text(json.dumps(content | {"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=rf"index.json: .*{message}"):
+        load_model(path)
+
+
+def test_dangling_index_without_shards(sharded, tmp_path):
+    path, _, _ = sharded_copy(sharded, tmp_path)
+    for shard in path.glob("model-*.safetensors"):
+        shard.unlink()
+    with pytest.raises(FileNotFoundError, match=r"index.json: lists shard .*, which is missing"):
+        load_model(path)
+
+
+def test_stale_index_beside_a_single_file_is_what_transformers_ignores(
+    tiny_checkpoint, sharded, baseline, tmp_path
+):
+    """transformers reads model.safetensors before an index: so is it checked."""
+    path, _, _ = sharded_copy(sharded, tmp_path)
+    for shard in path.glob("model-*.safetensors"):
+        shard.unlink()
+    load_model(tiny_checkpoint).save_pretrained(tmp_path / "single")
+    shutil.copy(tmp_path / "single" / "model.safetensors", path)
+    assert torch.equal(logits(load_model(path)), baseline)
+
+
+def test_tensor_in_two_shards(sharded, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = sharded_copy(sharded, tmp_path)
+    first, second = sorted(path.glob("model-*.safetensors"))[:2]
+    save_file(load_file(second) | load_file(first), second, metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError, match=rf"{second.name}: tensor .* is also in .*{first.name}"
+    ):
+        load_model(path)

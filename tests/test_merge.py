@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from finetune.adapter import AdapterError, check_adapter
 from finetune.cli import main
 from finetune.merge import merge
 from model import ReplitForCausalLM, load_model, load_tokenizer
+from model.checkpoint import CheckpointError
 from model.testing import write_checkpoint
 
 TARGETS = ["Wqkv", "out_proj", "up_proj", "down_proj"]
@@ -219,3 +226,191 @@ def test_adapter_named_for_another_copy_of_the_base_warns(base, adapter, tmp_pat
     copy = shutil.copytree(base, tmp_path / "copy")
     with pytest.warns(UserWarning, match=f"trained on {base}; applying it to {copy}"):
         assert check_adapter(adapter, copy).base_path == copy
+
+
+def scaled_adapter(adapter: Path, tmp_path: Path, layer: str, value: float) -> Path:
+    """A copy of `adapter` whose lora_A and lora_B of `layer` hold `value` everywhere."""
+    copy = broken_copy(adapter, tmp_path)
+    weights = load_file(copy / "adapter_model.safetensors")
+    for key in weights:
+        if f".{layer}.lora_" in key:
+            weights[key] = torch.full_like(weights[key], value)
+    save_file(weights, copy / "adapter_model.safetensors")
+    return copy
+
+
+def test_fp16_overflow_is_refused_and_bf16_suggested(adapter, tmp_path):
+    """Each merged up_proj value is 8 x 100 x 100 x (16 / 8) = 160000: finite in fp32 and bf16,
+    inf in fp16 (max 65504)."""
+    big = scaled_adapter(adapter, tmp_path / "adapters", "blocks.1.ffn.up_proj", 100.0)
+    out = tmp_path / "out" / "model"
+    with pytest.raises(
+        ValueError,
+        match=r"tensor 'transformer.blocks.1.ffn.up_proj.weight' has values beyond fp16's range "
+        r".* written as inf; merge with --dtype bf16",
+    ):
+        merge(big, out, dtype="fp16", progress=False)
+    assert list(out.parent.iterdir()) == []
+    with pytest.raises(SystemExit, match=r"^replit-ft merge: .*up_proj.weight.*--dtype bf16"):
+        main(["merge", "--adapter", str(big), "--out", str(out), "--dtype", "fp16"])
+    merge(big, out, dtype="bf16", progress=False)
+    saved = load_file(out / "model.safetensors")["transformer.blocks.1.ffn.up_proj.weight"]
+    assert torch.isfinite(saved).all() and saved.float().abs().min() > 65504
+
+
+def test_non_finite_adapter_or_base_is_named(base, adapter, tmp_path):
+    nan = scaled_adapter(adapter, tmp_path / "nan", "blocks.0.attn.Wqkv", float("nan"))
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter_model.safetensors: merged into transformer.blocks.0.attn.Wqkv.weight it "
+        r"gives inf or NaN even in fp32",
+    ):
+        merge(nan, tmp_path / "out", progress=False)
+    broken = shutil.copytree(base, tmp_path / "base")
+    state = torch.load(broken / "pytorch_model.bin", weights_only=True)
+    state["transformer.norm_f.weight"][3] = float("inf")
+    torch.save(state, broken / "pytorch_model.bin")
+    with (
+        pytest.raises(CheckpointError, match=r"tensor 'transformer.norm_f.weight' of the base"),
+        pytest.warns(UserWarning, match=f"trained on {base}; applying it to {broken}"),
+    ):
+        merge(adapter, tmp_path / "out", base=broken, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "nan"]
+
+
+def test_stale_partial_folders_of_dead_merges_are_removed(adapter, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    host = socket.gethostname()
+    folders = {
+        "dead": f".model.partial-{host}-{dead.pid}",
+        "older name": f".model.partial-{dead.pid}",
+        "alive": f".model.partial-{host}-{alive.pid}",
+        "other host": f".model.partial-elsewhere-{dead.pid}",
+        "other output": f".model2.partial-{host}-{dead.pid}",
+    }
+    for name in folders.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    try:
+        merge(adapter, tmp_path / "model", progress=False)
+    finally:
+        alive.kill()
+        alive.wait()
+    kept = {folders[k] for k in ("alive", "other host", "other output")}
+    assert {p.name for p in tmp_path.iterdir()} == {"model"} | kept
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_every_written_file_has_the_mode_open_gives(adapter, tmp_path, umask, mode):
+    """safetensors writes 0600; the checkpoint's files follow the umask like any other file."""
+    old = os.umask(umask)
+    try:
+        out = merge(adapter, tmp_path / "model", max_shard_size="1MB", progress=False)
+    finally:
+        os.umask(old)
+    files = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert "model-00001-of-00002.safetensors" in files and "spiece.model" in files
+    assert files == dict.fromkeys(files, mode)
+
+
+def can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs `unshare -m` and mount (root)")
+def test_full_disk_says_so_and_leaves_nothing(base, adapter, tmp_path):
+    """A real ENOSPC: the merge writes into a 1 MB tmpfs in a private mount namespace."""
+    state = torch.load(base / "pytorch_model.bin", weights_only=True)
+    needed = sum(t.numel() for t in state.values()) * 2  # bf16
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    merge_cmd = f"{sys.executable} -m finetune.cli merge --adapter {adapter} --out {disk}/model"
+    script = (
+        f"mount -t tmpfs -o size=1m tmpfs {disk} && {merge_cmd}; code=$?; ls -A {disk}; exit $code"
+    )
+    run = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip().endswith(
+        f"replit-ft merge: [Errno 28] {disk}: no space left on the disk; the merged checkpoint "
+        f"needs about {needed / 1e6:.0f} MB there (nothing was written)"
+    )
+    assert run.stdout == ""  # ls -A of the full disk: no temporary folder left
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("max_shard_size", "5XB", r"max_shard_size '5XB': expected a size like 5GB"),
+        ("max_shard_size", 0, r"max_shard_size 0: expected a size like 5GB"),
+        ("dtype", torch.float64, r"dtype torch.float64: a merge writes bf16, fp16 or fp32"),
+        ("dtype", "int8", r"unknown dtype 'int8'"),
+    ],
+)
+def test_bad_merge_options_before_any_work(adapter, tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        merge(adapter, tmp_path / "out", progress=False, **{option: value})
+    assert list(tmp_path.iterdir()) == []
+
+
+def edit_file(file: Path, content: bytes) -> None:
+    file.write_bytes(content)
+
+
+def truncate(file: Path, keep: int) -> None:
+    file.write_bytes(file.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (
+            lambda a: truncate(a / "adapter_model.safetensors", 50),
+            r"adapter_model.safetensors: unr",
+        ),
+        (lambda a: edit_file(a / "adapter_config.json", b"[1]"), r"config.json: expected a JSON"),
+        (lambda a: edit_file(a / "adapter_config.json", b"[" * 100_000), r"config.json: not valid"),
+        (lambda a: edit_config(a, r=16), r"r is 16 for layer .*, but its tensors have rank 8"),
+        (lambda a: edit_config(a, r="8"), r"adapter_config.json: r is '8', expected a positive"),
+        (lambda a: edit_config(a, lora_alpha=None), r"lora_alpha is None, expected a positive"),
+        (lambda a: edit_config(a, rank_pattern={"Wqkv": 4}), r"r is 4 for layer .*Wqkv, but"),
+        (lambda a: edit_config(a, rank_pattern={"(": 4}), r"rank_pattern has a bad pattern"),
+        (lambda a: edit_config(a, lora_bias=True), r"lora_bias is true, but the base's linear"),
+        (lambda a: edit_config(a, use_dora=True), r"use_dora is true, but layer .* lacks a DoRA"),
+    ],
+)
+def test_hostile_adapters_are_named(adapter, tmp_path, break_it, message):
+    bad = broken_copy(adapter, tmp_path)
+    break_it(bad)
+    with pytest.raises(ValueError, match=message):
+        check_adapter(bad)
+    with pytest.raises(SystemExit, match=rf"^replit-ft merge: {bad}/.*{message}"):
+        main(["merge", "--adapter", str(bad), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_integer_adapter_weights_are_refused(adapter, tmp_path):
+    bad = broken_copy(adapter, tmp_path)
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("lora_B.weight"))
+    save_file(weights | {key: weights[key].to(torch.int32)}, bad / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(key)}' is I32; weights must be"):
+        check_adapter(bad)
+
+
+@pytest.mark.parametrize(
+    "settings", [{"use_dora": True}, {"rank_pattern": {"up_proj": 4}, "alpha_pattern": {"Wqkv": 4}}]
+)
+def test_dora_and_pattern_adapters_as_peft_saves_them_pass(base, tmp_path, settings):
+    made = make_adapter(base, tmp_path / "adapter", **settings)
+    info = check_adapter(made)
+    assert {k: info.config[k] for k in settings} == settings
