@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -48,17 +47,17 @@ def base(tmp_path_factory, real_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, base) -> Path:
-    """A run folder as `replit-ft train` leaves it: adapter/, recipe.yaml, metrics.json."""
-    run = tmp_path_factory.mktemp("run")
+    """An adapter folder as `replit-ft train` leaves it: peft's files and replit_ft.json."""
+    adapter = make_adapter(base, tmp_path_factory.mktemp("run") / "adapter")
     recipe = {
         "model": {"name": str(base)},
         "data": {"seq_len": 4096, "code": ["src/"]},
         "train": {"lr": 2e-4, "micro_batch_size": 1, "grad_accum": 8},
     }
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    summary = {"train_loss": 1.2345, "steps": 16, "seq_len": 4096, "tokens_per_second": 812.5}
-    (run / "metrics.json").write_text(json.dumps({"summary": summary, "history": []}))
-    return make_adapter(base, run / "adapter")
+    summary = {"final_train_loss": 1.2345, "steps": 16, "tokens_per_second": 812.5}
+    record = {"base": str(base), "max_seq_len": 4096, "recipe": recipe, "summary": summary}
+    (adapter / "replit_ft.json").write_text(json.dumps(record))
+    return adapter
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +91,10 @@ def test_checkpoint_files(base, merged):
     config = json.loads((merged / "config.json").read_text())
     assert config["model_type"] == "mpt"
     assert config["architectures"] == ["MptForCausalLM"] and "auto_map" not in config
-    assert config["max_seq_len"] == 4096  # the recipe's data.seq_len, above the base's 2048
+    assert config["max_seq_len"] == 4096  # the adapter's trained context, above the base's 2048
+    record = json.loads((merged / "replit_ft.json").read_text())
+    assert record["max_seq_len"] == 4096 and record["merged"]["dtype"] == "fp32"
+    assert record["summary"]["steps"] == 16
     index = json.loads((merged / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and all((merged / s).is_file() for s in shards)
@@ -112,7 +114,12 @@ def test_model_card_has_training_summary_and_attribution(merged):
     assert "https://creativecommons.org/licenses/by-sa/4.0/" in card
     assert "LoRA adapter was fine-tuned" in card and "merged into the weights" in card
     assert "same license" in card
-    for fact in ("| train loss | 1.234 |", "| steps | 16 |", "| max_seq_len | 4096 |", "`src/`"):
+    for fact in (
+        "| final train loss | 1.234 |",
+        "| steps | 16 |",
+        "| max_seq_len | 4096 |",
+        "`src/`",
+    ):
         assert fact in card
     assert "base_model:" not in card  # a local base is no hub id
 
