@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 from finetune.recipe import RecipeError, load_recipe
-from finetune.run_folder import RunFolder
+from finetune.run_folder import RunFolder, RunFolderError
 from finetune.train import adapter_digest, main, train
 from model import load_model
 from model.testing import write_checkpoint
@@ -229,7 +229,7 @@ def test_sigkill_of_an_overwriting_run_then_resume_matches_an_uninterrupted_run(
 def test_a_fresh_run_into_an_earlier_run_is_refused_and_writes_nothing(tmp_path, finished):
     recipe = copy_of(finished, tmp_path)
     before = snapshot(tmp_path)
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(RunFolderError) as caught:
         train(load_recipe(recipe))
     message = str(caught.value)
     assert str(tmp_path / "run") in message
@@ -406,8 +406,8 @@ def test_two_processes_prepare_once_print_once_and_count_every_token(tmp_path, b
     )
     train(load_recipe(one), quiet=True)
     assert [h["step"] for h in history(run) if "loss" in h] == [2, 4, 5]
-    assert losses(run) == pytest.approx(losses(single), rel=1e-4)
-    assert facts["final_train_loss"] == pytest.approx(summary(single)["final_train_loss"], rel=1e-4)
+    assert losses(run) == pytest.approx(losses(single), rel=1e-3)  # reduction order differs
+    assert facts["final_train_loss"] == pytest.approx(summary(single)["final_train_loss"], rel=1e-3)
     assert math.isfinite(facts["final_eval_loss"])
 
 
