@@ -63,6 +63,7 @@ class TrainSection:
     max_grad_norm: float = 1.0
     bf16: bool | None = None  # autocast; default: when the device supports it
     gradient_checkpointing: bool = True
+    offload_activations: bool = False  # checkpointed block inputs in host memory (CUDA)
     eval_every: int = 100
     save_every: int = 100
     keep_last: int = 2

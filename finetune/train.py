@@ -89,6 +89,7 @@ def train(recipe: Recipe) -> Path:
         seq_len=data_cfg.seq_len,
         device=device,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        offload_activations=cfg.offload_activations,
     )
     if state.is_main_process:
         model.print_trainable_parameters()

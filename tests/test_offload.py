@@ -129,3 +129,15 @@ def ckpt(*args, **kwargs):
     from torch.utils.checkpoint import checkpoint
 
     return checkpoint(*args, **kwargs)
+
+
+def test_offloading_on_cpu_is_refused_naming_the_key(base):
+    with pytest.raises(ValueError, match="train.offload_activations=true .* on cpu"):
+        build_model(
+            ModelSection(name=str(base), quantization="nf4", compute_dtype="fp32"),
+            LoraSection(),
+            seq_len=128,
+            device=CPU,
+            gradient_checkpointing=True,
+            offload_activations=True,
+        )
