@@ -10,11 +10,20 @@ DIR/gpu.json as soon as it is taken, and tables printed as they come:
    + double quant, bf16 compute, LoRA r16 on Wqkv/up_proj/down_proj, checkpointing,
    `auto` attention = flex without flash-attn), under bf16 autocast as the Trainer runs
    it, paged 8-bit AdamW, on random rows of 1x2048, 4x2048 and 1x16384 tokens: tok/s,
-   step time, peak memory, MFU. Every run in this file starts from the same LoRA weights
-   (B = 0) on the same rows per shape, so first losses are comparable across sections.
+   step time, peak memory, MFU. One untimed step (compiling), then the median of 3 timed
+   ones (1 where a step takes over 3 s). Every run in this file starts from the same LoRA
+   weights (B = 0) on the same rows per shape, so losses are comparable across sections.
 3. `baseline`: transformers' MptForCausalLM + peft + bitsandbytes (eager: the only
    attention it has) on the same weights and rows at 1x2048 and 4x2048.
-4. `levers`, each against the `micro` run of the same shape: `sdpa` (what `auto` choosing
+4. `ladder`: the longest trainable row. One row of 16k, 32k, 64k, 128k, 256k, 384k tokens,
+   first without, then with activation offloading (`train.offload_activations`), each
+   ladder stopping at its first out-of-memory; the offloading ladder runs 64k (its cost,
+   and its losses against the run without it) and then the lengths the first ladder did
+   not reach. A row whose step takes over 10 s gets that one step, compile included. Peak
+   GPU memory is linear in the row's length now (no L x L tensor anywhere), so a line
+   through each ladder's peaks also predicts the longest row the card's memory allows (a
+   prediction, labelled as such; with offloading the host's memory bounds it too).
+5. `levers`, each against the `micro` run of the same shape: `sdpa` (what `auto` choosing
    sdpa for short rows would give; 1x2048, 4x2048), `keep_attn` (selective checkpointing
    keeping attention's output) and `compile` (regional torch.compile of the blocks) at
    4x2048 and 1x16384 (bench/levers.py). A lever agrees when every step's loss is within
@@ -23,13 +32,6 @@ DIR/gpu.json as soon as it is taken, and tables printed as they come:
    ceilings bound what two unbuilt levers could save: the chunked loss's forward+backward
    (a fused loss kernel replaces it) and dequantizing every nf4 weight once (a step does
    it three times: forward, recompute, backward).
-5. `ladder`: the longest trainable row. One row of 16k, 32k, 64k, 128k, 256k, 384k tokens,
-   first without, then with activation offloading (`train.offload_activations`), each
-   ladder stopping at its first out-of-memory; the offloading ladder runs 64k (its cost
-   where both fit) and then the lengths the first ladder did not reach. Peak GPU memory
-   is linear in the row's length now (no L x L tensor anywhere), so a line through each
-   ladder's peaks also predicts the longest row the card's memory allows (a prediction,
-   labelled as such; with offloading the host's memory bounds it too).
 6. `agreement`: a packed bf16 row of three documents through every backend, logits
    against eager in fp32 (the full-size check of the block mask built from documents).
 (`backends`: bf16 full fine-tuning steps per backend; not in the default run.)
@@ -97,8 +99,11 @@ SHAPES = {
     },
 }
 # Each section's share of the time left when it starts (the ladder and agreement take all).
-SHARES = {"micro": 0.3, "baseline": 0.25, "levers": 0.35}
-LEVERS = ("sdpa", "keep_attn", "compile")
+SHARES = {"micro": 0.3, "baseline": 0.25, "ladder": 0.6}
+# Shapes whose step takes longer than this get one timed step, not `--repeats`.
+LONG_STEP_S = 3.0
+# Ladder rows whose step takes longer than this get one step (which includes compiling).
+LADDER_TIMED_S = 10.0
 
 
 def cuda() -> bool:
@@ -166,7 +171,7 @@ class Clock:
     def __init__(self) -> None:
         self.ratios: list[float] = []
         self.compile_s = (
-            {"flex": 45.0, "blocks": 150.0} if cuda() else {"flex": 0.0, "blocks": 60.0}
+            {"flex": 30.0, "blocks": 150.0} if cuda() else {"flex": 0.0, "blocks": 60.0}
         )
 
     def step(self, rows: int, length: int) -> float:
@@ -325,12 +330,12 @@ def backends_available() -> list[str]:
 class Run:
     """What the sections share: the checkpoint, the kit's QLoRA model, time, the report."""
 
-    def __init__(self, args: argparse.Namespace, path: Path, dims: dict[str, int]):
+    def __init__(self, args: argparse.Namespace, path: Path, dims: dict[str, int], budget):
         self.args, self.path, self.dims = args, path, dims
         self.shapes = SHAPES["tiny" if args.tiny else "full"]
         self.shapes["ladder"] = args.ladder or self.shapes["ladder"]
         self.device = "cuda" if cuda() else "cpu"
-        self.budget = Budget(args.budget_s)
+        self.budget = budget
         self.clock = Clock()
         self.flex_shapes: set[tuple[int, int]] = set()
         self.rate: float | None = None
@@ -398,7 +403,9 @@ class Run:
         initial LoRA weights each time.
         """
         warmup = self.args.warmup if warmup is None else warmup
-        repeats = self.args.repeats if repeats is None else repeats
+        if repeats is None:
+            long = self.clock.step(rows, length) > LONG_STEP_S
+            repeats = 1 if long else self.args.repeats
         ours = kind != "baseline"
         compiles = ["blocks"] if kind == "compile" else []
         flex = ours and kind != "sdpa" and model.get_base_model().attn_impl == "flex"
@@ -621,11 +628,13 @@ def ladder(run: Run) -> dict[str, Any]:
 
 
 def ladder_rung(run: Run, model, length: int, mode: str) -> dict[str, Any]:
-    """One row of `length` tokens: a step (compiling a new shape), and a second when time
-    allows; with offloading, a fresh host pool and how much it held."""
+    """One row of `length` tokens: a step (compiling a new shape: what the ladder asks is
+    whether it fits), and a timed second one when that is cheap; with offloading, a fresh
+    host pool and how much it held."""
     base = model.get_base_model()
-    two = 2 * run.clock.step(1, length) + run.clock.compile_s["flex"]
-    repeats = 1 if run.budget.refuse(two) is None else 0
+    step = run.clock.step(1, length)
+    two = 2 * step + run.clock.compile_s["flex"]
+    repeats = 1 if step <= LADDER_TIMED_S and run.budget.refuse(two) is None else 0
     if mode == "offload":
         base.activation_offloading_enable()
     try:
@@ -763,7 +772,7 @@ SECTIONS: dict[str, Callable[[Run], Any]] = {
     "agreement": agreement,
     "backends": backends,
 }
-DEFAULT_SECTIONS = ["matmul", "micro", "baseline", "levers", "ladder", "agreement"]
+DEFAULT_SECTIONS = ["matmul", "micro", "baseline", "ladder", "levers", "agreement"]
 
 
 def summary(report: dict[str, Any]) -> None:
@@ -799,8 +808,10 @@ def main() -> None:
         "--tiny", action="store_true", help="2 layers, short rows: check the script"
     )
     parser.add_argument("--budget-s", type=float, default=540.0)
-    parser.add_argument("--warmup", type=int, help="untimed steps per shape (2; --tiny 1)")
-    parser.add_argument("--repeats", type=int, help="timed steps per shape (3; --tiny 1)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per shape")
+    parser.add_argument(
+        "--repeats", type=int, help="timed steps per shape (3, 1 for slow shapes; --tiny 1)"
+    )
     parser.add_argument("--sections", nargs="+", default=DEFAULT_SECTIONS, choices=list(SECTIONS))
     parser.add_argument("--ladder", type=int, nargs="+", help="row lengths of the ladder")
     parser.add_argument(
@@ -812,17 +823,17 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     dims = TINY if args.tiny else FULL
-    args.warmup = args.warmup if args.warmup is not None else 1 if args.tiny else 2
     args.repeats = args.repeats if args.repeats is not None else 1 if args.tiny else 3
     args.out.mkdir(parents=True, exist_ok=True)
     if args.tiny:
         from model import modeling
 
         modeling.PER_TOKEN_CHUNK = 2048  # the ladder's 4096 row runs in chunks, as 131072 would
+    budget = Budget(args.budget_s)  # from here: writing the checkpoint counts too
     t = time.perf_counter()
     work = args.work or args.out / ("tiny" if args.tiny else "full")
     path = write_checkpoint(work, dims)
-    run = Run(args, path, dims)
+    run = Run(args, path, dims, budget)
     run.report["checkpoint_s"] = time.perf_counter() - t
     print(f"{run.report['device']}, torch {torch.__version__}, backends {backends_available()}")
     print(f"checkpoint ready in {run.report['checkpoint_s']:.1f} s", flush=True)
