@@ -60,13 +60,15 @@ def build_model(
     seq_len: int,
     device: torch.device,
     gradient_checkpointing: bool,
+    offload_activations: bool = False,
 ) -> PeftModel:
     """Load the base for training at `seq_len` tokens and wrap it with fresh LoRA adapters.
 
     The context is raised to `seq_len` when it is longer than the base's. k-bit bases
     go through peft's preparation (norms and embeddings in fp32, input gradients on);
     activation checkpointing uses the non-reentrant form, which works with LoRA on a
-    frozen 4-bit base.
+    frozen 4-bit base. `offload_activations` (CUDA only) keeps what backward needs, with
+    checkpointing each block's input, in host memory (see model/offload.py).
     """
     base_len = read_config(resolve_checkpoint(section.name)).max_seq_len
     model = load_model(
@@ -90,5 +92,7 @@ def build_model(
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if offload_activations:
+        model.activation_offloading_enable()
     with peft_quietly():
         return get_peft_model(model, lora_config(lora))

@@ -115,6 +115,9 @@ class TrainSection:
     max_grad_norm: float = setting(1.0, "Gradient clipping norm; 0: off.", minimum=0)
     bf16: bool | None = setting(None, "bf16 autocast; null: where the device supports it.")
     gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass.")
+    offload_activations: bool = setting(
+        False, "Keep the checkpointed block inputs in host memory (CUDA; for very long rows)."
+    )
     eval_every: int = setting(100, "Steps between evaluations.", minimum=1)
     save_every: int = setting(100, "Steps between checkpoints.", minimum=1)
     keep_last: int = setting(2, "Checkpoints kept.", minimum=1)

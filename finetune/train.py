@@ -125,6 +125,7 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
         seq_len=recipe.data.seq_len,
         device=device,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        offload_activations=cfg.offload_activations,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
@@ -210,6 +211,11 @@ def check_environment(recipe: Recipe, device: torch.device) -> None:
         raise RecipeError(f"train.device={cfg.device}: this machine has no CUDA device")
     if cfg.optimizer == "paged_adamw_8bit" and device.type != "cuda":
         raise RecipeError("train.optimizer=paged_adamw_8bit needs CUDA; use adamw on CPU")
+    if cfg.offload_activations and device.type != "cuda":
+        raise RecipeError(
+            "train.offload_activations=true moves activations from a GPU to host memory; "
+            f"this run is on {device.type}: set it to false"
+        )
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise RecipeError("train.wandb=true needs wandb: pip install wandb")
     sharded = [name for name in ("FSDP", "DEEPSPEED") if _env_true(f"ACCELERATE_USE_{name}")]

@@ -125,7 +125,11 @@ class BatchLayout:
 
 
 def eager_attention(q, k, v, layout: BatchLayout, scale: float) -> torch.Tensor:
-    """The reference: scores, bias and softmax in fp32, the whole score matrix in memory."""
+    """The reference: scores, bias and softmax in fp32, the whole score matrix in memory.
+
+    O(L^2) memory by design ([B, H, L, L] fp32 scores and bias): the backend the others are
+    checked against, not one to train long rows with.
+    """
     bias = layout.cached("dense", layout.dense_bias)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias
     return torch.matmul(scores.softmax(-1), v.float()).to(q.dtype)
@@ -170,7 +174,13 @@ def _mask_dtype(layout: BatchLayout, key: str, make: Callable[[], torch.Tensor],
 
 
 def sdpa_attention(q, k, v, layout: BatchLayout, scale: float) -> torch.Tensor:
-    """torch SDPA with an O(L) ALiBi mask; one call per document in packed or padded rows."""
+    """torch SDPA with an O(L) ALiBi mask; one call per document in packed or padded rows.
+
+    On CPU the fused kernel reads the mask through its strides. On CUDA the memory-efficient
+    kernel wants every stride but the last aligned to 8 elements, so torch copies the view
+    into a padded [H, n, n] tensor per call (`preprocess_mask` in torch's SDPA): O(n^2)
+    memory per document of n tokens. Use flex or flash for long rows on CUDA.
+    """
     if layout.past_len:
         bias = _mask_dtype(layout, "dense", layout.dense_bias, q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
@@ -273,9 +283,51 @@ def _flex_fn(device: torch.device) -> Callable:
     return _compiled_flex
 
 
-def _flex_block_mask(layout: BatchLayout, batch: int):
-    from torch.nn.attention.flex_attention import create_block_mask
+# FlexAttention's tile: the block mask says, per 128 queries, which 128-key blocks to visit.
+FLEX_BLOCK = 128
 
+
+def _segment_starts(layout: BatchLayout) -> torch.Tensor:
+    """[rows, L]: the index of the first token of each token's segment (row 1 when no segments)."""
+    device = layout.slopes.device
+    n = layout.q_len
+    if layout.segments is None:
+        return torch.zeros(1, n, dtype=torch.long, device=device)
+    segments = layout.segments
+    first = torch.ones_like(segments, dtype=torch.bool)
+    first[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return torch.where(first, torch.arange(n, device=device), 0).cummax(1).values
+
+
+def _flex_block_mask(layout: BatchLayout):
+    """The causal + document `BlockMask`, built from the segments' starts in O((L/128)^2) ints.
+
+    `create_block_mask` evaluates the mask on every (query, key) pair: uncompiled, that is
+    L x L index tensors (128 GiB at 131072 tokens, measured on an H100). Segments are
+    contiguous runs, so the visible keys of query block i are one range of key blocks:
+    from the block holding the start of the segment of i's first token, up to i itself.
+    Within it, block j < i is full (no masking at all) when block i is complete and lies
+    in one segment that began at or before j's first token; the others are partial and
+    get the mask_mod. This yields exactly the blocks `create_block_mask` finds
+    (tests/test_attention.py compares them).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n, size = layout.q_len, FLEX_BLOCK
+    device = layout.slopes.device
+    blocks = -(-n // size)
+    start = _segment_starts(layout)
+    i = torch.arange(blocks, device=device)
+    first_tok, last_tok = i * size, torch.clamp((i + 1) * size, max=n) - 1
+    lo = start[:, first_tok] // size  # [rows, blocks]: first visible key block
+    full_lo = torch.minimum(-(-start[:, last_tok] // size), i)  # first full key block
+    full_lo = torch.where((i + 1) * size <= n, full_lo, i)  # a cut-off block is never full
+    lo, full_lo, i = lo.int(), full_lo.int(), i.int()
+    col = torch.arange(blocks, dtype=torch.int32, device=device)
+    # Partial blocks lo .. full_lo-1, then the diagonal block i; full blocks full_lo .. i-1.
+    # Entries past each row's count are never read; they repeat valid indices.
+    partial = torch.where(col < (full_lo - lo)[..., None], lo[..., None] + col, i[:, None])
+    full = torch.where(col < (i - full_lo)[..., None], full_lo[..., None] + col, 0)
     segments = layout.segments
 
     def causal(b, h, q_idx, kv_idx):
@@ -284,10 +336,15 @@ def _flex_block_mask(layout: BatchLayout, batch: int):
     def causal_document(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (segments[b, q_idx] == segments[b, kv_idx])
 
-    n = layout.q_len
-    if segments is None:
-        return create_block_mask(causal, None, None, n, n, device=layout.slopes.device)
-    return create_block_mask(causal_document, batch, None, n, n, device=layout.slopes.device)
+    return BlockMask.from_kv_blocks(
+        (full_lo - lo + 1)[:, None],
+        partial[:, None],
+        (i - full_lo)[:, None],
+        full[:, None],
+        BLOCK_SIZE=size,
+        mask_mod=causal if segments is None else causal_document,
+        seq_lengths=(n, n),
+    )
 
 
 def flex_attention(q, k, v, layout: BatchLayout, scale: float) -> torch.Tensor:
@@ -300,7 +357,7 @@ def flex_attention(q, k, v, layout: BatchLayout, scale: float) -> torch.Tensor:
     if layout.past_len:
         return sdpa_attention(q, k, v, layout, scale)
     slopes = layout.slopes
-    block_mask = layout.cached("flex", lambda: _flex_block_mask(layout, q.shape[0]))
+    block_mask = layout.cached("flex", lambda: _flex_block_mask(layout))
 
     def alibi(score, b, h, q_idx, kv_idx):
         return score - slopes[h] * (q_idx - kv_idx)

@@ -13,19 +13,29 @@ restarting at 0. See `model.attention` for the attention backends.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationMixin, MptConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.attention import BACKENDS, BatchLayout, alibi_slopes
+from model.offload import ActivationOffload
 
 # Tokens per chunk of fp32 logits in the loss: 512 x 32768 x 4 B = 64 MB, while a 512-row
 # matmul still runs at full speed on CPU and GPU.
 LOSS_CHUNK_TOKENS = 512
+# Tokens per chunk of a block's per-token half (norm_2, FFN, their LoRA) in batches longer
+# than this: each chunk's 4x-wide intermediates (L x 10240 each: up_proj's output, GELU's,
+# their LoRA and dtype copies) live only while that chunk runs. Batches up to this size
+# (every figure measured before it existed) run in one piece.
+PER_TOKEN_CHUNK = 65536
 
 
 class Attention(nn.Module):
@@ -91,7 +101,31 @@ class ReplitBlock(GradientCheckpointingLayer):
         self, x: torch.Tensor, layout: BatchLayout, attn_impl: str, cache: Cache | None = None
     ) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), layout, attn_impl, cache)
+        return per_token_chunks(self._mlp, x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(self.norm_2(x))
+
+
+def per_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn(x)` for a token-wise `fn`, in chunks of PER_TOKEN_CHUNK tokens when x has more.
+
+    With gradients each chunk is its own (non-reentrant, nestable) checkpoint: only its
+    input is kept, and its intermediates are recomputed and freed one chunk at a time in
+    backward, for one more forward of `fn` (by FLOPs about 2% of a 131072-token step, whose
+    time goes to attention; estimated, not measured).
+    """
+    batch, length, width = x.shape
+    tokens = batch * length
+    if tokens <= PER_TOKEN_CHUNK:
+        return fn(x)
+    flat = x.reshape(tokens, width)
+    grad = torch.is_grad_enabled()
+    parts = [
+        checkpoint(fn, part, use_reentrant=False) if grad else fn(part)
+        for part in flat.split(PER_TOKEN_CHUNK)
+    ]
+    return torch.cat(parts).view(batch, length, -1)
 
 
 class Transformer(nn.Module):
@@ -120,7 +154,20 @@ class ReplitForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.transformer = Transformer(config)
         self.attn_impl = "sdpa"
+        self.activation_offload: ActivationOffload | None = None
         self.post_init()
+
+    def activation_offloading_enable(self) -> None:
+        """Keep what backward needs in host memory during forwards with gradients.
+
+        With activation checkpointing that is each block's input: the GPU then holds about
+        one block's activations instead of one input per block, for copies that overlap
+        compute. Meant for CUDA; on CPU it only copies.
+        """
+        self.activation_offload = ActivationOffload()
+
+    def activation_offloading_disable(self) -> None:
+        self.activation_offload = None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -172,12 +219,14 @@ class ReplitForCausalLM(PreTrainedModel, GenerationMixin):
         layout = BatchLayout.build(
             slopes.to(x.device), x.shape[1], past_len, attention_mask, position_ids
         )
-        for block in self.transformer.blocks:
-            x = block(x, layout, self.attn_impl, cache if use_cache else None)
-        x = self.transformer.norm_f(x)
-
+        offload = self.activation_offload if torch.is_grad_enabled() else None
+        with offload.saving() if offload else contextlib.nullcontext():
+            for block in self.transformer.blocks:
+                x = block(x, layout, self.attn_impl, cache if use_cache else None)
+            x = self.transformer.norm_f(x)
+            if labels is not None:
+                loss = lm_loss(x, self.transformer.wte.weight, labels, num_items_in_batch)
         if labels is not None:
-            loss = lm_loss(x, self.transformer.wte.weight, labels, num_items_in_batch)
             return CausalLMOutputWithPast(loss=loss, cache=cache if use_cache else None)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]

@@ -90,3 +90,122 @@ def test_padding_only_rows_stay_finite():
     q = k = v = torch.randn(1, H, 6, D)
     for fn in (eager_attention, sdpa_attention):
         assert torch.isfinite(fn(q, k, v, layout, SCALE)).all()
+
+
+def layouts_for_block_masks():
+    """Packed and padded rows whose boundaries fall inside, between and on 128-token blocks."""
+    gen = torch.Generator().manual_seed(5)
+
+    def packed(docs_per_row, width, pad_from=None, left_pad=None, heads=H):
+        pos = torch.zeros(len(docs_per_row), width, dtype=torch.long)
+        mask = torch.ones(len(docs_per_row), width, dtype=torch.long)
+        for r, docs in enumerate(docs_per_row):
+            at = 0
+            for n in docs:
+                n = min(n, width - at)  # the last document is cut at the row's end
+                pos[r, at : at + n] = torch.arange(n)
+                at += n
+            if pad_from and pad_from[r] is not None:
+                mask[r, pad_from[r] :] = 0
+            if left_pad and left_pad[r]:
+                mask[r, : left_pad[r]] = 0
+        return BatchLayout.build(alibi_slopes(heads), width, 0, mask, pos)
+
+    random_docs = [torch.randint(1, 300, (12,), generator=gen).tolist() for _ in range(3)]
+    return {
+        "causal, 700 tokens": BatchLayout.build(alibi_slopes(H), 700, 0, None, None),
+        "packed + padded, 1000": packed([[300, 500, 200], [700, 300]], 1000, [None, 700]),
+        "on block edges, 1024": packed([[128, 256, 640], [384, 640]], 1024, [None, 896]),
+        "left padding, 300": packed([[300], [300]], 300, left_pad=[37, 0]),
+        "random documents, 900": packed(random_docs, 900, [None, 801, 128]),
+    }
+
+
+def block_mask_reference(layout: BatchLayout):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n, segments = layout.q_len, layout.segments
+    if segments is None:
+        return create_block_mask(lambda b, h, q, k: k <= q, None, None, n, n, device="cpu")
+
+    def causal_document(b, h, q, k):
+        return (k <= q) & (segments[b, q] == segments[b, k])
+
+    return create_block_mask(causal_document, segments.shape[0], None, n, n, device="cpu")
+
+
+@pytest.mark.parametrize("name", list(layouts_for_block_masks()))
+def test_flex_block_mask_equals_create_block_mask(name):
+    """Every query block visits the same partial and full key blocks, and back again."""
+    layout = layouts_for_block_masks()[name]
+    got, want = attention._flex_block_mask(layout), block_mask_reference(layout)
+    assert got.seq_lengths == want.seq_lengths and got.BLOCK_SIZE == want.BLOCK_SIZE
+    for counts, indices in [
+        ("kv_num_blocks", "kv_indices"),
+        ("full_kv_num_blocks", "full_kv_indices"),
+        ("q_num_blocks", "q_indices"),
+        ("full_q_num_blocks", "full_q_indices"),
+    ]:
+        n_got, n_want = getattr(got, counts), getattr(want, counts)
+        assert torch.equal(n_got, n_want), counts
+        i_got, i_want = getattr(got, indices), getattr(want, indices)
+        assert i_got.shape == i_want.shape, indices
+        used = n_want[..., None] > torch.arange(i_want.shape[-1])  # entries past a count: unused
+        assert torch.equal(i_got[used], i_want[used]), indices
+    if name.startswith(("causal", "packed", "on block")):  # these layouts have full blocks too
+        assert want.full_kv_num_blocks.sum() > 0
+
+
+@pytest.mark.parametrize("name", ["packed + padded, 1000", "random documents, 900"])
+def test_flex_with_the_block_mask_matches_eager(name):
+    layout = layouts_for_block_masks()[name]
+    rows = layout.segments.shape[0]
+    q, k, v = (torch.randn(rows, H, layout.q_len, D) for _ in range(3))
+    want = eager_attention(q, k, v, layout, SCALE)
+    got = attention.flex_attention(q, k, v, layout, SCALE)
+    valid = layout.key_valid if layout.key_valid is not None else torch.ones(rows, layout.q_len)
+    keep = valid.bool()[:, None, :, None].expand_as(want)
+    assert (got - want)[keep].abs().max() <= 1e-5
+
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak live bytes of CPU allocations made while `fn` runs, its results included.
+
+    torch's profiler records every allocation and free of the CPU allocator (kernels'
+    internal temporaries too); the running sum over them in time order peaks here.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_building_a_64k_layout_and_its_block_mask_stays_small():
+    """Two packed, padded rows of 65536 tokens: tens of MB, where the L x L masks of
+    `create_block_mask` would be 32 GiB of int64. The same measurement does see those
+    L x L tensors at 2048 tokens, so it can tell the two apart."""
+    n = 65536
+    pos = torch.cat([torch.arange(m) for m in (30000, 20001, 15535)]).repeat(2, 1)
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, 60000:] = 0
+    built = []
+
+    def build() -> None:
+        layout = BatchLayout.build(alibi_slopes(32), n, 0, mask, pos)
+        built.append(attention._flex_block_mask(layout))
+
+    assert peak_cpu_bytes(build) < 64e6
+    assert built[0].kv_num_blocks.shape == (2, 1, n // 128)
+
+    small = BatchLayout.build(alibi_slopes(32), 2048, 0, None, pos[:1, 29000:31048])
+    assert peak_cpu_bytes(lambda: block_mask_reference(small)) >= 2048 * 2048 * 8
