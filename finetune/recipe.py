@@ -71,6 +71,7 @@ class TrainSection:
     resume: bool = False
     wandb: bool = False
     device: str | None = None
+    eval_humaneval: int = 0  # pass@1 on the first K HumanEval problems after training; 0: off
 
 
 @dataclass

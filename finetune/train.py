@@ -70,6 +70,10 @@ def train(recipe: Recipe) -> Path:
         raise ValueError("train.wandb=true needs wandb: pip install wandb")
     if cfg.schedule not in ("cosine", "linear"):
         raise ValueError(f"train.schedule must be cosine or linear, got {cfg.schedule!r}")
+    if not 0 <= cfg.eval_humaneval <= 164:
+        raise ValueError(f"train.eval_humaneval must be 0 (off) to 164, got {cfg.eval_humaneval}")
+    # Before training, so a machine that cannot sandbox generated code fails now, not after.
+    sandbox = _humaneval_sandbox() if cfg.eval_humaneval and state.is_main_process else None
     data_cfg = recipe.data
     data_cfg.out = data_cfg.out or str(out / "data")
     data_cfg.tokenizer = data_cfg.tokenizer or recipe.model.name
@@ -146,6 +150,9 @@ def train(recipe: Recipe) -> Path:
     adapter = out / "adapter"
     trainer.save_model(str(adapter))
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
+    if sandbox is not None:
+        pass_at_1 = _humaneval(model, recipe, sandbox, out / "humaneval")
+        trainer.log({"eval_humaneval_pass@1": pass_at_1})  # TensorBoard: eval/humaneval_pass@1
     if state.is_main_process:
         summary = {
             "train_loss": result.training_loss,
@@ -157,9 +164,28 @@ def train(recipe: Recipe) -> Path:
             "resumed_from": str(resume) if resume else None,
             "adapter_sha256_per_rank": digests,
         }
+        if sandbox is not None:
+            summary |= {"humaneval_pass@1": pass_at_1, "humaneval_problems": cfg.eval_humaneval}
         write_report(out, trainer.state.log_history, summary)
     state.wait_for_everyone()
     return adapter
+
+
+def _humaneval_sandbox():
+    from finetune.sandbox import Sandbox
+
+    return Sandbox()
+
+
+def _humaneval(model, recipe: Recipe, sandbox, out: Path) -> float:
+    """Greedy pass@1 of the trained model on the first train.eval_humaneval problems."""
+    from finetune.humaneval import evaluate_loaded
+    from model import load_tokenizer
+
+    about = {"model": f"{recipe.model.name} + the adapter just trained"}
+    tokenizer = load_tokenizer(recipe.model.name)
+    limit = recipe.train.eval_humaneval
+    return evaluate_loaded(out, sandbox, model, tokenizer, about, limit=limit)["pass@1"]
 
 
 def adapter_digest(state_dict: dict[str, torch.Tensor]) -> str:
