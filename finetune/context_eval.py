@@ -62,7 +62,7 @@ def windows_from_code(
             f"{longest}): give longer files or a smaller --seq-len"
         )
     ids = np.stack(rows)
-    positions = np.broadcast_to(np.arange(seq_len), ids.shape)
+    positions = np.tile(np.arange(seq_len), (len(rows), 1))
     source = {
         "code": list(paths),
         "documents": len(corpus.documents),

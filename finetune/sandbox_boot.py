@@ -1,8 +1,9 @@
 """The sandbox's first process: it isolates one sample, runs it, and kills what it leaves.
 
 `finetune.sandbox` runs this file as `python -I -S sandbox_boot.py KEY=VALUE...` with the
-sample's program on stdin. It imports only a few standard modules (no json or re: they
-would add a third to its start-up, paid once per sample) and never the kit. The steps:
+sample's program on stdin. It imports only a few standard modules (no json, re or signal:
+each would add a fifth or more to its start-up, paid once per sample) and never the kit.
+The steps:
 
 1. Die with the evaluator (`PR_SET_PDEATHSIG`), and adopt every orphan of the sample's tree
    (`PR_SET_CHILD_SUBREAPER`), so no process of it can slip away by daemonizing.
@@ -30,7 +31,6 @@ import ctypes
 import os
 import resource
 import select
-import signal
 import stat
 import sys
 import time
@@ -54,6 +54,8 @@ MOUNT_FLAGS = {
 }
 MS_STRICTATIME = 1 << 24  # a mount listing no atime option has strict atime
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 38, 36
+SIGKILL = 9
+POLL = 0.005  # seconds between looks at whether the sample has ended
 FAILED = 125
 INTEGERS = ("uid", "gid", "parent", "status_fd", "memory", "processes", "file_size")
 
@@ -82,20 +84,18 @@ def main() -> None:
     status_fd = settings["status_fd"]
     os.set_inheritable(status_fd, False)  # closed when the sample's interpreter starts
     try:
-        _call(libc.prctl, "prctl(PR_SET_PDEATHSIG)", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        _call(libc.prctl, "prctl(PR_SET_PDEATHSIG)", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
         if os.getppid() != settings["parent"]:  # the evaluator died before the line above
             os._exit(FAILED)
         _call(libc.prctl, "prctl(PR_SET_CHILD_SUBREAPER)", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         if settings["mode"] == "namespaces":
             enter_namespaces()
         lifeline, holder = os.pipe()  # the child reads EOF here once this process is gone
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # for sigtimedwait
         child = os.fork()
     except OSError as err:
         fail(status_fd, err)
     if child == 0:
         os.close(holder)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         try:
             become_sample(settings, program, lifeline)
         except BaseException as err:
@@ -236,25 +236,30 @@ def reap_until(sample: int) -> None:
 
 
 def wait_until(child: int, deadline: float) -> int | None:
-    """The child's wait status, or None at the deadline; orphans are reaped meanwhile."""
+    """The child's wait status, or None at the deadline; orphans are reaped meanwhile.
+
+    A poll every POLL seconds rather than a wait for SIGCHLD: the signal module alone
+    would cost more start-up time than the polling does in all.
+    """
     while True:
         while (reaped := os.waitpid(-1, os.WNOHANG))[0]:
             if reaped[0] == child:
                 return reaped[1]
-        if (left := deadline - time.monotonic()) <= 0:
+        if time.monotonic() >= deadline:
             return None
-        signal.sigtimedwait({signal.SIGCHLD}, left)
+        time.sleep(POLL)
 
 
 def end_all(settings: dict, child: int, alive: bool) -> None:
     """Kill whatever is left of the sample's processes, then reap every one of them."""
-    if settings["mode"] == "namespaces" and alive:
-        os.kill(child, signal.SIGKILL)  # its init: the kernel kills the rest of the namespace
-    if settings["mode"] == "uid":
+    mode = settings["mode"]
+    if mode == "namespaces" and alive:
+        os.kill(child, SIGKILL)  # its init: the kernel kills the rest of the namespace
+    if mode == "uid":
         kill_uid(settings["uid"])
     while True:  # orphans were re-parented here (subreaper): kill and reap until none is left
-        for pid in _children():
-            os.kill(pid, signal.SIGKILL)
+        for pid in _children() if mode == "none" else ():  # (otherwise all dead already)
+            os.kill(pid, SIGKILL)
         try:
             os.wait()
         except ChildProcessError:
@@ -271,7 +276,7 @@ def kill_uid(uid: int) -> None:
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
         try:
-            os.kill(-1, signal.SIGKILL)
+            os.kill(-1, SIGKILL)
         except ProcessLookupError:  # nothing left to kill
             pass
         os._exit(0)
@@ -309,7 +314,7 @@ def _exit_code(status: int) -> int:
 
 def _die_with_parent(lifeline: int) -> None:
     """SIGKILL when the parent dies; the lifeline reads EOF if it died before this call."""
-    _call(libc.prctl, "prctl(PR_SET_PDEATHSIG)", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _call(libc.prctl, "prctl(PR_SET_PDEATHSIG)", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
     if select.select([lifeline], [], [], 0)[0]:
         os._exit(FAILED)
 
