@@ -12,7 +12,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -47,6 +49,11 @@ def hostile(port: int, outside: Path, marker: str) -> dict[str, str]:
     }
 
 
+def new_marker() -> str:
+    """A tag for what a test's samples leave: also a duration `sleep` accepts (~30 years)."""
+    return f"9{uuid.uuid4().int % 10**8:08d}.5"
+
+
 def leftovers(marker: str) -> list[str]:
     """Processes tagged with `marker`, or running under a sandbox uid, and files it names."""
     found = [str(p) for p in (Path("/dev/shm") / marker,) if p.exists()]
@@ -58,6 +65,19 @@ def leftovers(marker: str) -> list[str]:
             continue
         if entry.name.isdigit() and (marker in command or uid in SANDBOX_IDS):
             found.append(f"pid {entry.name} uid {uid}: {command!r}")
+    return found
+
+
+def sleepers(marker: str) -> list[str]:
+    """The running `sleep MARKER` processes."""
+    want = f"sleep\0{marker}\0".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if (entry / "cmdline").read_bytes() == want:
+                found.append(entry.name)
+        except OSError:
+            continue
     return found
 
 
@@ -73,7 +93,7 @@ def server():
 
 @pytest.fixture
 def attack(server):
-    marker = f"replit-ft-test-{uuid.uuid4().hex}"
+    marker = new_marker()
     # Outside /tmp (the sandbox has its own) and writable by any uid: only the sandbox's
     # read-only mounts can stop a write there.
     outside = Path(tempfile.mkdtemp(prefix=f"{marker}-", dir="/var/tmp"))
@@ -129,6 +149,36 @@ def test_failures_are_named():
     assert sandbox.run("def f(:\n").result.startswith("failed: SyntaxError")
     killed = "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"
     assert sandbox.run(killed).result == "failed: killed by SIGKILL"
+
+
+def test_nothing_outlives_a_killed_evaluator():
+    marker = new_marker()
+    daemon = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+        f"    os.execv('/bin/sleep', ['sleep', '{marker}'])\ntime.sleep(100)"
+    )
+    script = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('sandbox', {str(SANDBOX_FILE)!r})\n"
+        "sandbox = importlib.util.module_from_spec(spec)\n"
+        "sys.modules['sandbox'] = sandbox\n"
+        "spec.loader.exec_module(sandbox)\n"
+        "box = sandbox.Sandbox(sandbox.Limits(timeout=60))\n"
+        f"box.run_all([{daemon!r}] * 2, workers=2, progress=False)\n"
+    )
+    evaluator = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while len(sleepers(marker)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(sleepers(marker)) == 2  # both samples' daemons run
+    finally:
+        evaluator.kill()
+        evaluator.wait()
+    deadline = time.monotonic() + 5
+    while leftovers(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(marker) == []
 
 
 def test_bad_limits_are_refused():
