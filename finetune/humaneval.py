@@ -205,7 +205,7 @@ def summarize(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
     per_task: dict[str, list[bool]] = defaultdict(list)
     for sample in scored:
         per_task[sample["task_id"]].append(sample["passed"])
-    fewest = min(len(v) for v in per_task.values())
+    fewest, most = min(map(len, per_task.values())), max(map(len, per_task.values()))
     metrics: dict[str, Any] = {
         f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
         for k in range(1, fewest + 1)
@@ -214,9 +214,7 @@ def summarize(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return metrics | {
         "problems": len(per_task),
         "samples": len(scored),
-        "samples_per_task": fewest
-        if fewest == max(len(v) for v in per_task.values())
-        else f"{fewest}..{max(len(v) for v in per_task.values())}",
+        "samples_per_task": fewest if fewest == most else f"{fewest}..{most}",
         "outcomes": {kind: kinds[kind] for kind in ("passed", "failed", "timed out")},
     }
 

@@ -142,7 +142,6 @@ class Sandbox:
         *,
         workers: int | None = None,
         progress: bool = True,
-        desc: str = "execute",
     ) -> list[Outcome]:
         """Outcomes of `programs`, in order, run `workers` at a time (default: one per core)."""
         from tqdm.auto import tqdm
@@ -151,7 +150,7 @@ class Sandbox:
         pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
         try:
             futures = {pool.submit(self.run, p): i for i, p in enumerate(programs)}
-            with tqdm(total=len(programs), desc=desc, disable=not progress) as bar:
+            with tqdm(total=len(programs), desc="execute", disable=not progress) as bar:
                 for future in as_completed(futures):
                     outcomes[futures[future]] = future.result()
                     bar.update()

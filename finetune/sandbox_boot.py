@@ -92,7 +92,7 @@ def main() -> None:
             enter_namespaces()
         lifeline, holder = os.pipe()  # the child reads EOF here once this process is gone
         child = os.fork()
-    except OSError as err:
+    except BaseException as err:
         fail(status_fd, err)
     if child == 0:
         os.close(holder)
@@ -100,9 +100,12 @@ def main() -> None:
             become_sample(settings, program, lifeline)
         except BaseException as err:
             fail(status_fd, err)
-    os.close(lifeline)
-    status = wait_until(child, time.monotonic() + settings["timeout"])
-    end_all(settings, child, alive=status is None)
+    try:  # an error here is the sandbox's, never to be counted as the sample's failure
+        os.close(lifeline)
+        status = wait_until(child, time.monotonic() + settings["timeout"])
+        end_all(settings, child, alive=status is None)
+    except BaseException as err:
+        fail(status_fd, err)
     if status is None:
         os.write(status_fd, b"timeout")
         os._exit(FAILED)
