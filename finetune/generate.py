@@ -47,12 +47,15 @@ def load_for_generation(
     adapter: str | os.PathLike | None = None,
     *,
     attn_impl: str = "auto",
+    quantization: str | None = None,
+    max_seq_len: int | None = None,
 ) -> tuple[ReplitForCausalLM | PeftModel, ReplitTokenizer]:
     """The model and tokenizer to generate with: a checkpoint, or a base with a LoRA adapter.
 
     With an adapter, `model` is the base (default: the one the adapter names); the
-    adapter is checked against it first and applied by peft on the full-precision base,
-    at the context it was trained at.
+    adapter is checked against it first and applied by peft on the base, at the context
+    it was trained at. `quantization` ("nf4", "int8") loads the base in 4 or 8 bits;
+    `max_seq_len` raises the context to at least that.
     """
     if adapter is None:
         if model is None:
@@ -60,11 +63,19 @@ def load_for_generation(
         path = resolve_checkpoint(model)
         tokenizer = load_tokenizer(path)
         _check_vocab(path, tokenizer, read_config(path).vocab_size)
-        return load_model(path, attn_impl=attn_impl), tokenizer
+        loaded = load_model(
+            path, quantization=quantization, max_seq_len=max_seq_len, attn_impl=attn_impl
+        )
+        return loaded, tokenizer
     info = check_adapter(adapter, model)
     tokenizer = load_tokenizer(info.base_path)
     _check_vocab(info.base_path, tokenizer, info.base_config.vocab_size)
-    base = load_model(info.base_path, max_seq_len=info.max_seq_len, attn_impl=attn_impl)
+    base = load_model(
+        info.base_path,
+        quantization=quantization,
+        max_seq_len=max(info.max_seq_len, max_seq_len or 0),
+        attn_impl=attn_impl,
+    )
     with peft_quietly():
         tuned = PeftModel.from_pretrained(base, str(info.path)).eval()
     return tuned, tokenizer

@@ -127,6 +127,12 @@ class TrainSection:
     overwrite: bool = setting(False, "Clear output_dir's earlier run and start afresh.")
     wandb: bool = setting(False, "Also log to Weights & Biases (needs wandb).")
     device: str | None = setting(None, "cpu, cuda, cuda:N; null: what the launcher gives.")
+    eval_humaneval: int = setting(
+        0,
+        "HumanEval pass@1 on the first K problems after training; 0: off.",
+        minimum=0,
+        maximum=164,
+    )
 
     def check(self) -> None:
         if self.resume and self.overwrite:

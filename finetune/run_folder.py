@@ -7,6 +7,7 @@
     tensorboard/    TensorBoard logs
     metrics.json    the summary and the log history, at the end
     loss.png        train and evaluation loss per step, at the end
+    humaneval/      HumanEval samples and results, with `train.eval_humaneval`
     adapter/        the trained LoRA adapter (peft) with `replit_ft.json`, its own record
 
 This module is the one place that knows these names, what makes a checkpoint complete,
@@ -39,11 +40,12 @@ METRICS = "metrics.json"
 PLOT = "loss.png"
 TENSORBOARD = "tensorboard"
 ADAPTER = "adapter"
+HUMANEVAL = "humaneval"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 SEAL = "complete.json"
 RECORD = "replit_ft.json"  # in an adapter or merged folder: how it was trained
 
-_RUN_FILES = (RECIPE, RUN_INFO, METRICS, PLOT, TENSORBOARD, ADAPTER)
+_RUN_FILES = (RECIPE, RUN_INFO, METRICS, PLOT, TENSORBOARD, ADAPTER, HUMANEVAL)
 _TEMPORARY = re.compile(r"\.(recipe\.yaml|run\.json|metrics\.json|loss\.png)\.\d+\.tmp")
 
 
@@ -84,6 +86,10 @@ class RunFolder:
     @property
     def adapter(self) -> Path:
         return self.path / ADAPTER
+
+    @property
+    def humaneval(self) -> Path:
+        return self.path / HUMANEVAL
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint folders, oldest step first, complete or not."""

