@@ -62,6 +62,8 @@ def prep(args: argparse.Namespace) -> None:
         "packed": False if args.no_pack else None,
         "validation_fraction": args.validation_fraction,
         "seed": args.seed,
+        "fim_rate": args.fim_rate,
+        "fim_spm_rate": args.fim_spm_rate,
     }
     settings = {key: value for key, value in flags.items() if value is not None}
     if args.recipe:  # the same data, in the same folder, as `replit-ft train RECIPE` reads
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-pack", action="store_true", help="one document per padded row")
     p.add_argument("--validation-fraction", type=float, metavar="F")
     p.add_argument("--seed", type=int)
+    p.add_argument("--fim-rate", type=float, metavar="F", help="share of code laid out for FIM")
+    p.add_argument("--fim-spm-rate", type=float, metavar="F", help="share of FIM in SPM order")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=prep)
 
