@@ -112,11 +112,15 @@ def merge(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
-    """Stream a single prompt's completion; print a batch's completions with `---` between."""
+    """Stream a single prompt's completion; print a batch's completions with `---` between.
+    With suffixes, the prompts are prefixes and what is printed are the middles."""
+    from finetune.generate import fim_settings, load_for_generation, read_prompts
     from finetune.generate import generate as complete
-    from finetune.generate import load_for_generation, read_prompts
 
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+    suffix = read_prompts(args.suffix_file, key="suffix") if args.suffix_file else args.suffix
+    folder = args.adapter or args.model  # where train or merge recorded the FIM settings
+    fim = fim_settings(folder) if suffix is not None and folder else None
     model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)
     started: set[int] = set()
 
@@ -130,6 +134,8 @@ def generate(args: argparse.Namespace) -> None:
         model,
         tokenizer,
         prompts,
+        suffix=suffix,
+        fim=fim,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -202,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument(
         "--prompt-file", metavar="F", help='*.jsonl ({"prompt": ...} per line) or --- separated'
     )
+    after = g.add_mutually_exclusive_group()
+    after.add_argument(
+        "--suffix", action="append", metavar="TEXT", help="fill in the middle: text after it"
+    )
+    after.add_argument("--suffix-file", metavar="F", help='as --prompt-file ({"suffix": ...})')
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     g.add_argument("--temperature", type=float, default=0.2, metavar="T", help="0: greedy")
     g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1: off")

@@ -6,11 +6,18 @@ applied the same way to returned and streamed text: generation stops at EOS or a
 stop sequence, the text is cut at the first stop sequence, trailing whitespace is
 trimmed, and tokens are decoded with no clean-up of spaces.
 
+Fill in the middle: given a suffix for each prompt, the prompt is the prefix, and the
+model, trained with `data.fim_rate` > 0, writes what goes between them. The prompt is
+laid out with the sentinels and in the order the model was trained with (the `fim`
+block its folder's replit_ft.json records: `fim_settings`); the middle is returned as
+generated, trailing whitespace included, since it is inserted between the two as is.
+
 Prompt files (`read_prompts`): `*.jsonl` holds one JSON object per line whose "prompt"
 is used (HumanEval's layout; other keys are ignored) or one JSON string per line; any
 other file holds prompts separated by lines that read exactly `---`, each prompt its
 lines as written, newlines included (so a prompt can end in a newline but not in spaces:
-use JSON lines for exact control).
+use JSON lines for exact control). Suffixes come from files of the same layout; in
+JSON lines, under the key "suffix", so one HumanEval-infilling style file can give both.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from peft import PeftModel
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, set_seed
 from transformers.generation.streamers import BaseStreamer
 
+from data_prep.fim import FimSettings, fim_prompt
 from finetune.adapter import check_adapter
 from finetune.lora import peft_quietly
 from model import ReplitForCausalLM, ReplitTokenizer, load_model, load_tokenizer
 
 SEPARATOR = re.compile(r"^---$\n?", re.MULTILINE)
+RUN_INFO = "replit_ft.json"  # what train and merge record about a model or adapter folder
 
 
 def load_for_generation(
@@ -56,11 +65,30 @@ def load_for_generation(
     return tuned, load_tokenizer(info.base_path)
 
 
+def fim_settings(folder: str | os.PathLike) -> FimSettings:
+    """The fill-in-the-middle settings a model or adapter folder was trained with: the
+    `fim` block of its replit_ft.json."""
+    path = Path(folder) / RUN_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        info = None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable as JSON ({err})") from err
+    if not isinstance(info, dict) or info.get("fim") is None:
+        raise ValueError(
+            f"this model was not trained for fill-in-the-middle (no fim settings in {path})"
+        )
+    return FimSettings.from_dict(info["fim"], where=f"{path}: fim")
+
+
 def generate(
     model: ReplitForCausalLM | PeftModel,
     tokenizer: ReplitTokenizer,
     prompts: Sequence[str],
     *,
+    suffix: Sequence[str] | None = None,
+    fim: FimSettings | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.2,
     top_p: float = 0.95,
@@ -77,10 +105,19 @@ def generate(
     in batches of `batch_size`, left-padded. `on_text(i, text)` receives text of prompt
     i as soon as it is final: piece by piece while a batch of one generates, else each
     completion whole when its batch is done; the pieces add up to the returned strings.
+
+    With `suffix` (one per prompt, the text after the cursor) and the model's `fim`
+    settings (`fim_settings(folder)`), each prompt is the prefix and the result is the
+    middle, not trimmed.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if empty := [i for i, p in enumerate(prompts) if not p]:
+    if suffix is not None:
+        if isinstance(suffix, str) or len(suffix) != len(prompts):
+            raise ValueError(f"give one suffix per prompt ({len(prompts)}), as a list")
+        if fim is None:
+            raise ValueError("a suffix needs the model's fill-in-the-middle settings: fim=")
+    elif empty := [i for i, p in enumerate(prompts) if not p]:
         raise ValueError(f"prompt {empty[0]} is empty: the model needs at least one token")
     if "" in stop:
         raise ValueError("an empty stop sequence would stop before the first token")
@@ -95,10 +132,20 @@ def generate(
     )
     if seed is not None:
         set_seed(seed)
+    trim = suffix is None
     results: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        inputs = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt")
+        if suffix is None:
+            inputs = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt")
+        else:
+            ids = [
+                fim_prompt(tokenizer, prefix, after, fim)
+                for prefix, after in zip(batch, suffix[start : start + batch_size], strict=True)
+            ]
+            inputs = tokenizer.pad(
+                {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
+            )
         width = inputs.input_ids.shape[1]
         if width + max_new_tokens > model.config.max_seq_len:
             raise ValueError(
@@ -107,7 +154,7 @@ def generate(
             )
         streamer = None
         if on_text is not None and len(batch) == 1:
-            streamer = _Streamer(tokenizer, stop, lambda text, i=start: on_text(i, text))
+            streamer = _Streamer(tokenizer, stop, lambda text, i=start: on_text(i, text), trim)
         with torch.no_grad():
             output = model.generate(
                 **inputs.to(model.device),
@@ -118,7 +165,7 @@ def generate(
                 streamer=streamer,
             )
         for offset, row in enumerate(output[:, width:].tolist()):
-            text = finish(completion_text(tokenizer, row), stop)
+            text = finish(completion_text(tokenizer, row), stop, trim=trim)
             results.append(text)
             if on_text is not None and streamer is None:
                 on_text(start + offset, text)
@@ -135,10 +182,10 @@ def completion_text(tokenizer: ReplitTokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
-def finish(text: str, stop: Sequence[str]) -> str:
-    """Cut `text` at the first stop sequence and trim trailing whitespace."""
+def finish(text: str, stop: Sequence[str], *, trim: bool = True) -> str:
+    """Cut `text` at the first stop sequence and (`trim`) trim trailing whitespace."""
     cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut].rstrip()
+    return text[:cut].rstrip() if trim else text[:cut]
 
 
 class StopOnText(StoppingCriteria):
@@ -171,11 +218,16 @@ class _Streamer(BaseStreamer):
     """
 
     def __init__(
-        self, tokenizer: ReplitTokenizer, stop: Sequence[str], emit: Callable[[str], None]
+        self,
+        tokenizer: ReplitTokenizer,
+        stop: Sequence[str],
+        emit: Callable[[str], None],
+        trim: bool,
     ):
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.emit = emit
+        self.trim = trim
         self.ids: list[int] = []
         self.shown = ""
         self.prompt_seen = False
@@ -185,14 +237,14 @@ class _Streamer(BaseStreamer):
             self.prompt_seen = True
             return
         self.ids.extend(value.reshape(-1).tolist())
-        text = finish(completion_text(self.tokenizer, self.ids), self.stop)
+        text = finish(completion_text(self.tokenizer, self.ids), self.stop, trim=self.trim)
         held = max(
             (n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0
         )
         self._show(text[: len(text) - held])
 
     def end(self) -> None:
-        self._show(finish(completion_text(self.tokenizer, self.ids), self.stop))
+        self._show(finish(completion_text(self.tokenizer, self.ids), self.stop, trim=self.trim))
 
     def _show(self, text: str) -> None:
         if len(text) > len(self.shown) and text.startswith(self.shown):
@@ -200,8 +252,9 @@ class _Streamer(BaseStreamer):
             self.shown = text
 
 
-def read_prompts(file: str | os.PathLike) -> list[str]:
-    """Prompts from a file: JSON lines (`*.jsonl`) or text with `---` lines between prompts."""
+def read_prompts(file: str | os.PathLike, key: str = "prompt") -> list[str]:
+    """Prompts (or suffixes: `key`) from a file: JSON lines (`*.jsonl`) or text with `---`
+    lines between prompts."""
     path = Path(file)
     text = path.read_text()
     if path.suffix != ".jsonl":
@@ -214,8 +267,8 @@ def read_prompts(file: str | os.PathLike) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-        prompt = record.get("prompt") if isinstance(record, dict) else record
+        prompt = record.get(key) if isinstance(record, dict) else record
         if not isinstance(prompt, str):
-            raise ValueError(f"{path}:{number}: expected a string or an object with a prompt")
+            raise ValueError(f"{path}:{number}: expected a string or an object with a {key}")
         prompts.append(prompt)
     return prompts
