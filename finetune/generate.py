@@ -117,6 +117,11 @@ def generate(
             raise ValueError(f"give one suffix per prompt ({len(prompts)}), as a list")
         if fim is None:
             raise ValueError("a suffix needs the model's fill-in-the-middle settings: fim=")
+        if max(fim.sentinel_ids) >= model.config.vocab_size:
+            raise ValueError(
+                f"fim sentinel ids {sorted(fim.sentinel_ids)} are not in the model's "
+                f"vocabulary of {model.config.vocab_size}"
+            )
     elif empty := [i for i, p in enumerate(prompts) if not p]:
         raise ValueError(f"prompt {empty[0]} is empty: the model needs at least one token")
     if "" in stop:

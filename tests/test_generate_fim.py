@@ -92,6 +92,24 @@ def test_prompt_ids_and_only_the_middle_up_to_eos(checkpoint):
     assert seen.calls == k + 1  # stopped at EOS
 
 
+def test_the_middle_keeps_its_trailing_whitespace(checkpoint):
+    """A tab's embedding becomes a copy of the first greedy token A's: the tie goes to the tab
+    (the lower id) wherever greedy decoding took A, and EOS takes the first other token."""
+    model, tokenizer = load_for_generation(checkpoint)
+    sp = tokenizer.sp_model
+    prompt = [PRE, *sp.encode(PREFIX), SUF, *sp.encode(SUFFIX), MID]
+    ids = greedy(model, prompt, 20)
+    k = next(i for i, x in enumerate(ids) if x != ids[0])
+    tab = sp.piece_to_id("\t")
+    assert tab < ids[0] and tab not in prompt
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte[tab], wte[EOS] = wte[ids[0]], wte[ids[k]]
+    fim = fim_settings(checkpoint)
+    got = generate(model, tokenizer, [PREFIX], suffix=[SUFFIX], fim=fim, temperature=0)
+    assert got == ["\t" * k]  # all whitespace, kept: it goes between prefix and suffix
+
+
 def test_spm_order_literal_sentinels_and_batches(checkpoint, tmp_path):
     model, tokenizer = load_for_generation(checkpoint)
     sp = tokenizer.sp_model
@@ -152,6 +170,9 @@ def test_settings_come_from_the_model_or_adapter_folder(checkpoint, tmp_path, ca
         main([*command, "--model", str(plain)])
     write_info(plain, {**FIM, "middle_id": "49"})
     with pytest.raises(SystemExit, match=r"replit_ft\.json: fim\.middle_id: expected a token id"):
+        main([*command, "--model", str(plain)])
+    write_info(plain, {**FIM, "middle_id": 40000})
+    with pytest.raises(SystemExit, match=r"sentinel ids \[47, 48, 40000\] are not in the model's"):
         main([*command, "--model", str(plain)])
     write_info(plain, {**FIM, "middle_id": PRE})
     with pytest.raises(SystemExit, match=r"the three sentinel ids must differ"):
