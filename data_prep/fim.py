@@ -37,12 +37,14 @@ the same inputs give the same rows, and a document's layout does not depend on t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
 
 from data_prep.packing import Piece, chunk
 from data_prep.tokens import encode_texts, token_offsets
@@ -141,37 +143,54 @@ def fim_pieces(
     `ids` is the document encoded with the sentinels reserved and EOS last, as
     `encode_documents(..., reserved=fim.sentinel_ids)` yields it.
     """
-    sp = tokenizer.sp_model
-    budget = seq_len - OVERHEAD
-    if len(ids) - 1 <= budget:
-        parts, encoded = [text], [ids[:-1]]
-    else:
-        parts = _cut(tokenizer, text, budget, fim.sentinel_ids)
-        encoded = [np.asarray(p, dtype=np.int32) for p in encode_texts(sp, parts, fim.sentinel_ids)]
+    chunks = _chunks(tokenizer, text, ids[:-1], seq_len - OVERHEAD, fim.sentinel_ids)
+    spm_order: dict[int, bool] = {}  # the chunks chosen for FIM, and their order
+    texts: list[str] = []  # their prefix, middle and suffix, in turn
+    for k, (part, _) in enumerate(chunks):
+        if rng.random() < fim.rate:
+            i, j = sorted(rng.randint(0, len(part)) for _ in range(2))
+            spm_order[k] = rng.random() < fim.spm_rate
+            texts += [part[:i], part[i:j], part[j:]]
+    encoded = iter(encode_texts(tokenizer.sp_model, texts, fim.sentinel_ids))
     pieces: list[Piece] = []
-    for k, (part, part_ids) in enumerate(zip(parts, encoded, strict=True)):
-        laid_out = _fim_ids(tokenizer, part, fim, seq_len, rng) if rng.random() < fim.rate else None
-        if laid_out is None:  # left to right
-            end = [tokenizer.eos_token_id] if k == len(parts) - 1 else []
+    for k, (_, part_ids) in enumerate(chunks):
+        laid_out = None
+        if k in spm_order:
+            p, m, s = next(encoded), next(encoded), next(encoded)
+            fim_ids = [*layout(p, s, m, spm=spm_order[k], fim=fim), tokenizer.eos_token_id]
+            if len(fim_ids) <= seq_len:  # else left to right (see the module docstring)
+                laid_out = np.asarray(fim_ids, dtype=np.int32)
+        if laid_out is None:
+            end = [tokenizer.eos_token_id] if k == len(chunks) - 1 else []
             laid_out = np.concatenate([part_ids, np.asarray(end, dtype=np.int32)])
         pieces += chunk(laid_out, np.ones(len(laid_out), dtype=bool), seq_len)
     return pieces
 
 
-def _cut(tokenizer: ReplitTokenizer, text: str, budget: int, reserved: frozenset[int]) -> list[str]:
-    """`text` cut where every `budget`-th token begins: the chunks join back to `text`."""
+def _chunks(
+    tokenizer: ReplitTokenizer, text: str, ids: np.ndarray, budget: int, reserved: frozenset[int]
+) -> list[tuple[str, np.ndarray]]:
+    """`text` and its `ids` cut where every `budget`-th token begins: the texts join back
+    to `text`."""
+    if len(ids) <= budget:
+        return [(text, ids)]
+    sp = tokenizer.sp_model
+    starts = range(budget, len(ids), budget)
+    if sp.decode(ids.tolist()) == text:
+        # Decoding is each piece's text, "▁" read as a space: piece lengths give offsets.
+        ends = np.cumsum(_piece_lengths(sp)[ids])
+        bounds = [0, *(int(ends[t - 1]) for t in starts), len(text)]
+        parts = [text[a:b] for a, b in pairwise(bounds)]
+        return list(zip(parts, np.split(ids, list(starts)), strict=True))
+    # nmt_nfkc changed some text: offsets of the text as given, and the parts encoded again.
     data = text.encode("utf-8")
-    begins = [at for _, at in token_offsets(tokenizer.sp_model, text, reserved)]
-    bounds = [0, *begins[budget::budget], len(data)]
-    return [data[a:b].decode("utf-8") for a, b in pairwise(bounds) if b > a]
+    begins = [at for _, at in token_offsets(sp, text, reserved)]
+    bounds = [0, *(begins[t] for t in starts), len(data)]
+    parts = [data[a:b].decode("utf-8") for a, b in pairwise(bounds) if b > a]
+    encoded = encode_texts(sp, parts, reserved)
+    return [(t, np.asarray(e, dtype=np.int32)) for t, e in zip(parts, encoded, strict=True)]
 
 
-def _fim_ids(
-    tokenizer: ReplitTokenizer, text: str, fim: FimSettings, seq_len: int, rng: random.Random
-) -> np.ndarray | None:
-    """`text` as one FIM document, or None when it does not fit in `seq_len`."""
-    i, j = sorted(rng.randint(0, len(text)) for _ in range(2))
-    spm = rng.random() < fim.spm_rate
-    p, m, s = encode_texts(tokenizer.sp_model, [text[:i], text[i:j], text[j:]], fim.sentinel_ids)
-    ids = [*layout(p, s, m, spm=spm, fim=fim), tokenizer.eos_token_id]
-    return np.asarray(ids, dtype=np.int32) if len(ids) <= seq_len else None
+@functools.lru_cache(maxsize=4)
+def _piece_lengths(sp: spm.SentencePieceProcessor) -> np.ndarray:
+    return np.array([len(sp.id_to_piece(i)) for i in range(sp.get_piece_size())])
