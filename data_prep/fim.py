@@ -18,9 +18,9 @@ user-defined pieces serve: `<extra_id_0>` (id 47) prefix, `<extra_id_1>` (48) su
 into those ids too; with FIM on, such text is encoded as text (`tokens.encode_texts`), so
 a FIM document holds exactly one of each sentinel and any other document none.
 
-Which documents: code files only (`Document.code`). An instruction record keeps its
-prompt/response layout: its loss falls on the response alone, and the prompt is not
-text the model should learn to write, in any order.
+Which documents: code files only. An instruction example keeps its prompt/response
+layout: its loss falls on the response alone, and the prompt is not text the model
+should learn to write, in any order.
 
 Long documents are cut first, at token boundaries, into chunks of at most
 `seq_len - OVERHEAD` tokens, and each chunk is a document of its own (chosen for FIM or

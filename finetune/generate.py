@@ -36,10 +36,10 @@ from transformers.generation.streamers import BaseStreamer
 from data_prep.fim import FimSettings, fim_prompt
 from finetune.adapter import check_adapter
 from finetune.lora import peft_quietly
+from finetune.run_folder import RECORD, read_record
 from model import ReplitForCausalLM, ReplitTokenizer, load_model, load_tokenizer
 
 SEPARATOR = re.compile(r"^---$\n?", re.MULTILINE)
-RUN_INFO = "replit_ft.json"  # what train and merge record about a model or adapter folder
 
 
 def load_for_generation(
@@ -67,19 +67,14 @@ def load_for_generation(
 
 def fim_settings(folder: str | os.PathLike) -> FimSettings:
     """The fill-in-the-middle settings a model or adapter folder was trained with: the
-    `fim` block of its replit_ft.json."""
-    path = Path(folder) / RUN_INFO
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        info = None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not readable as JSON ({err})") from err
-    if not isinstance(info, dict) or info.get("fim") is None:
+    `fim` block of its replit_ft.json (which train and merge write)."""
+    record = read_record(folder)
+    path = Path(folder) / RECORD
+    if record is None or record.get("fim") is None:
         raise ValueError(
             f"this model was not trained for fill-in-the-middle (no fim settings in {path})"
         )
-    return FimSettings.from_dict(info["fim"], where=f"{path}: fim")
+    return FimSettings.from_dict(record["fim"], where=f"{path}: fim")
 
 
 def generate(

@@ -37,11 +37,11 @@ def documents(tokenizer) -> list[Document]:
     """This repository's own code, a file of literal sentinel text, one of non-ASCII text
     and one that nmt_nfkc changes (full-width letters, SentencePiece's own "▁")."""
     files = sorted((ROOT / "data_prep").glob("*.py")) + sorted((ROOT / "finetune").glob("*.py"))
-    docs = [Document(str(f.relative_to(ROOT)), f.read_text(), code=True) for f in files]
+    docs = [Document(str(f.relative_to(ROOT)), f.read_text()) for f in files]
     literal = LITERAL.replace("＜extra_id_1＞", "<extra_id_1>") * 40
-    docs.append(Document("literal.py", literal, code=True))
-    docs.append(Document("unicode.py", "s = 'héllo wörld, 日本語 → ünïcode'\n" * 30, code=True))
-    docs.append(Document("wide.py", "x = 'ＡＢＣ'  # ▁ and ＜extra_id_2＞\n" * 40, code=True))
+    docs.append(Document("literal.py", literal))
+    docs.append(Document("unicode.py", "s = 'héllo wörld, 日本語 → ünïcode'\n" * 30))
+    docs.append(Document("wide.py", "x = 'ＡＢＣ'  # ▁ and ＜extra_id_2＞\n" * 40))
     return docs
 
 
@@ -252,7 +252,7 @@ def test_cli_flags_and_bad_rates(tmp_path, sources, real_tokenizer_dir, capsys):
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["fim"]["rate"] == 0.5 and manifest["fim"]["spm_rate"] == 1.0
     assert "fill-in-the-middle: rate 0.5, SPM 1.0, sentinels 47/48/49" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"replit-ft prep: fim_rate must be in \[0, 1\], got 1.5"):
+    with pytest.raises(SystemExit, match=r"replit-ft prep: --fim-rate: must be at most 1, got 1.5"):
         cli([*argv, "--fim-rate", "1.5"])
-    with pytest.raises(SystemExit, match=r"fim_rate > 0 needs seq_len >= 32, got 16"):
+    with pytest.raises(SystemExit, match=r"--fim-rate: needs seq_len >= 32, got 16"):
         cli([*argv, "--fim-rate", "0.5", "--seq-len", "16"])
