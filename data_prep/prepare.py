@@ -42,6 +42,8 @@ from datasets import (
 
 from data_prep.code import collect_code
 from data_prep.document import Document, Skipped
+from data_prep.fim import MIN_SEQ_LEN as FIM_MIN_SEQ_LEN
+from data_prep.fim import FimSettings, document_rng, fim_pieces
 from data_prep.instructions import Template, load_instructions
 from data_prep.packing import Piece, chunk, pack
 from data_prep.settings import SettingError, setting
@@ -89,13 +91,31 @@ class PrepConfig:
     validation_fraction: float = setting(
         0.05, "Share of documents held out for evaluation.", minimum=0, below=1
     )
-    seed: int = setting(0, "Seed of the train/validation split.", minimum=0)
+    seed: int = setting(
+        0, "Seed of the train/validation split and of fill-in-the-middle's cuts.", minimum=0
+    )
+    fim_rate: float = setting(
+        0.0,
+        "Share of code documents laid out for fill-in-the-middle (0: off; see data_prep.fim).",
+        minimum=0,
+        maximum=1,
+    )
+    fim_spm_rate: float = setting(
+        0.5,
+        "Share of the fill-in-the-middle documents in SPM order (the rest PSM).",
+        minimum=0,
+        maximum=1,
+    )
 
     def check(self) -> None:
         """Rules across settings (each setting's own rule is on its field)."""
         if not self.code and not self.instructions:
             raise SettingError(
                 "code", "nothing to prepare: give code paths and/or instruction files"
+            )
+        if self.fim_rate > 0 and self.seq_len < FIM_MIN_SEQ_LEN:
+            raise SettingError(
+                "fim_rate", f"needs seq_len >= {FIM_MIN_SEQ_LEN}, got {self.seq_len}"
             )
 
 
@@ -145,8 +165,11 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
             raise FileExistsError(f"{out}: exists, is not empty and is not a prepared dataset")
 
         started = time.perf_counter()
+        fim = None
+        if config.fim_rate > 0:
+            fim = FimSettings.for_tokenizer(tokenizer, config.fim_rate, config.fim_spm_rate)
         datasets, stats, overlong = _build(
-            tokenizer, documents, examples, config, skipped, progress
+            tokenizer, documents, examples, config, skipped, progress, fim
         )
         if not stats["train"]["rows"]:
             hint = " (data.overlong: truncate or split keeps them)" * bool(overlong["dropped"])
@@ -160,6 +183,7 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
             "splits": stats,
             "tokenizer": {"name": str(config.tokenizer), "sha256": tokenizer_sha},
             "settings": dataclasses.asdict(config),
+            "fim": dataclasses.asdict(fim) if fim else None,
             "seconds": round(time.perf_counter() - started, 2),
         }
         _write(out, datasets, manifest, progress)
@@ -233,6 +257,7 @@ def _build(
     config: PrepConfig,
     skipped: Skipped,
     progress: bool,
+    fim: FimSettings | None,
 ) -> tuple[DatasetDict, dict[str, dict[str, Any]], dict[str, int]]:
     """The packed splits, their statistics, and how many over-long examples were dropped,
     truncated or split (the dropped ones also go into `skipped`)."""
@@ -242,7 +267,7 @@ def _build(
     for name in SPLITS:
         docs = [(documents[i], examples[i]) for i in splits[name]]
         pieces, tokens, trained, kept = _tokenize(
-            tokenizer, docs, config, skipped, overlong, progress
+            tokenizer, docs, config, skipped, overlong, progress, fim
         )
         rows = pack(pieces, config.seq_len, tokenizer.pad_token_id, packed=config.packed)
         n_rows = len(rows["input_ids"])
@@ -254,6 +279,7 @@ def _build(
             "trained_tokens": trained,
             "rows": n_rows,
             "packing_efficiency": round(tokens / (n_rows * config.seq_len), 4) if n_rows else 0,
+            "fim_documents": sum(int(p.ids[0]) == fim.prefix_id for p in pieces) if fim else 0,
         }
     return DatasetDict(datasets), stats, overlong
 
@@ -265,17 +291,22 @@ def _tokenize(
     skipped: Skipped,
     overlong: dict[str, int],
     progress: bool,
+    fim: FimSettings | None,
 ) -> tuple[list[Piece], int, int, int]:
     """Pieces of the documents, their tokens and trained tokens, and how many documents remain.
 
     Code longer than a row is cut into row-sized pieces. An instruction example longer than a
     row follows `config.overlong`: dropped; truncated (the prompt whole, the response cut, no
     EOS; dropped when the prompt alone fills the row); or split into pieces like code.
+    With `fim`, code is laid out by data_prep.fim, and no text becomes a sentinel id.
     """
     seq_len = config.seq_len
     pieces: list[Piece] = []
     tokens = trained_tokens = kept = 0
-    encoded = encode_documents(tokenizer, [doc for doc, _ in docs], progress=progress)
+    reserved = fim.sentinel_ids if fim else ()
+    encoded = encode_documents(
+        tokenizer, [doc for doc, _ in docs], progress=progress, reserved=reserved
+    )
     for (doc, example), (ids, trained) in zip(docs, encoded, strict=True):
         if example and len(ids) > seq_len:
             if config.overlong == "split":
@@ -290,9 +321,14 @@ def _tokenize(
                 skipped.add(f"instructions: {reason}", doc.name)
                 overlong["dropped"] += 1
                 continue
-        pieces += chunk(ids, trained, seq_len)
-        tokens += len(ids)
-        trained_tokens += int(trained.sum())
+        if fim is not None and not example:
+            rng = document_rng(config.seed, doc.name)
+            new = fim_pieces(tokenizer, doc.completion, ids, fim, seq_len, rng)
+        else:
+            new = chunk(ids, trained, seq_len)
+        pieces += new
+        tokens += sum(len(p.ids) for p in new)
+        trained_tokens += sum(int(p.trained.sum()) for p in new)
         kept += 1
     return pieces, tokens, trained_tokens, kept
 

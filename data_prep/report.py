@@ -62,4 +62,10 @@ def summary(result: Prepared) -> str:
         f"\nseq_len {settings['seq_len']}, {'packed' if settings['packed'] else 'padded'} rows, "
         f"tokenizer {m['tokenizer']['name']} (sha256 {m['tokenizer']['sha256'][:12]})"
     )
+    if fim := m.get("fim"):
+        pieces = sum(s["fim_documents"] for s in m["splits"].values())
+        lines.append(
+            f"fill-in-the-middle: rate {fim['rate']}, SPM {fim['spm_rate']}, sentinels "
+            f"{fim['prefix_id']}/{fim['suffix_id']}/{fim['middle_id']}: {pieces:,} FIM documents"
+        )
     return "\n".join(lines)

@@ -63,6 +63,8 @@ def prep(args: argparse.Namespace) -> None:
         "packed": False if args.no_pack else None,
         "validation_fraction": args.validation_fraction,
         "seed": args.seed,
+        "fim_rate": args.fim_rate,
+        "fim_spm_rate": args.fim_spm_rate,
     }
     settings = {key: value for key, value in flags.items() if value is not None}
     if args.recipe:  # the same data, in the same folder, as `replit-ft train RECIPE` reads
@@ -111,8 +113,17 @@ def merge(args: argparse.Namespace) -> None:
 
 
 def generate(args: argparse.Namespace) -> None:
-    """Stream a single prompt's completion; print a batch's completions with `---` between."""
-    from finetune.generate import OptionError, check_options, load_for_generation, read_prompts
+    """Stream a single prompt's completion; print a batch's completions with `---` between.
+
+    With suffixes, the prompts are prefixes and what is printed are the middles.
+    """
+    from finetune.generate import (
+        OptionError,
+        check_options,
+        fim_settings,
+        load_for_generation,
+        read_prompts,
+    )
     from finetune.generate import generate as complete
 
     settings = {
@@ -129,6 +140,9 @@ def generate(args: argparse.Namespace) -> None:
     except OptionError as err:
         raise ValueError(f"--{err.option.replace('_', '-')} {err.problem}") from None
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
+    suffix = read_prompts(args.suffix_file, key="suffix") if args.suffix_file else args.suffix
+    folder = args.adapter or args.model  # where train or merge recorded the FIM settings
+    fim = fim_settings(folder) if suffix is not None and folder else None
     model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)
     started: set[int] = set()
 
@@ -138,7 +152,7 @@ def generate(args: argparse.Namespace) -> None:
             started.add(index)
         print(text, end="", flush=True)
 
-    complete(model, tokenizer, prompts, **settings, on_text=show)
+    complete(model, tokenizer, prompts, suffix=suffix, fim=fim, **settings, on_text=show)
     print()
 
 
@@ -234,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-pack", action="store_true", help="one document per padded row")
     p.add_argument("--validation-fraction", type=float, metavar="F")
     p.add_argument("--seed", type=int)
+    p.add_argument("--fim-rate", type=float, metavar="F", help="share of code laid out for FIM")
+    p.add_argument("--fim-spm-rate", type=float, metavar="F", help="share of FIM in SPM order")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=prep)
 
@@ -263,6 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument(
         "--prompt-file", metavar="F", help='*.jsonl ({"prompt": ...} per line) or --- separated'
     )
+    after = g.add_mutually_exclusive_group()
+    after.add_argument(
+        "--suffix", action="append", metavar="TEXT", help="fill in the middle: text after it"
+    )
+    after.add_argument("--suffix-file", metavar="F", help='as --prompt-file ({"suffix": ...})')
     g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     g.add_argument("--temperature", type=float, default=0.2, metavar="T", help="0: greedy")
     g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1: off")

@@ -6,11 +6,18 @@ applied the same way to returned and streamed text: generation stops at EOS or a
 stop sequence, the text is cut at the first stop sequence, trailing whitespace is
 trimmed, and tokens are decoded with no clean-up of spaces.
 
+Fill in the middle: given a suffix for each prompt, the prompt is the prefix, and the
+model, trained with `data.fim_rate` > 0, writes what goes between them. The prompt is
+laid out with the sentinels and in the order the model was trained with (the `fim`
+block its folder's replit_ft.json records: `fim_settings`); the middle is returned as
+generated, trailing whitespace included, since it is inserted between the two as is.
+
 Prompt files (`read_prompts`): `*.jsonl` holds one JSON object per line whose "prompt"
 is used (HumanEval's layout; other keys are ignored) or one JSON string per line; any
 other file holds prompts separated by lines that read exactly `---`, each prompt its
 lines as written, newlines included (so a prompt can end in a newline but not in spaces:
-use JSON lines for exact control).
+use JSON lines for exact control). Suffixes come from files of the same layout; in
+JSON lines, under the key "suffix", so one HumanEval-infilling style file can give both.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from data_prep.fim import FimSettings, fim_prompt
 from finetune.adapter import check_adapter
 from finetune.lora import peft_quietly
+from finetune.run_folder import RECORD, read_record
 from model import ReplitForCausalLM, ReplitTokenizer, load_model, load_tokenizer
 from model.checkpoint import read_config, resolve_checkpoint
 
@@ -90,11 +99,25 @@ def _check_vocab(path: str | os.PathLike, tokenizer: ReplitTokenizer, vocab_size
         )
 
 
+def fim_settings(folder: str | os.PathLike) -> FimSettings:
+    """The fill-in-the-middle settings a model or adapter folder was trained with: the
+    `fim` block of its replit_ft.json (which train and merge write)."""
+    record = read_record(folder)
+    path = Path(folder) / RECORD
+    if record is None or record.get("fim") is None:
+        raise ValueError(
+            f"this model was not trained for fill-in-the-middle (no fim settings in {path})"
+        )
+    return FimSettings.from_dict(record["fim"], where=f"{path}: fim")
+
+
 def generate(
     model: ReplitForCausalLM | PeftModel,
     tokenizer: ReplitTokenizer,
     prompts: Sequence[str],
     *,
+    suffix: Sequence[str] | None = None,
+    fim: FimSettings | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.2,
     top_p: float = 0.95,
@@ -111,6 +134,10 @@ def generate(
     in batches of `batch_size`, left-padded. `on_text(i, text)` receives text of prompt
     i as soon as it is final: piece by piece while a batch of one generates, else each
     completion whole when its batch is done; the pieces add up to the returned strings.
+
+    With `suffix` (one per prompt, the text after the cursor) and the model's `fim`
+    settings (`fim_settings(folder)`), each prompt is the prefix and the result is the
+    middle, not trimmed.
     """
     check_options(
         max_new_tokens=max_new_tokens,
@@ -121,7 +148,10 @@ def generate(
         seed=seed,
         batch_size=batch_size,
     )
-    _check_prompts(tokenizer, prompts, max_new_tokens, model.config.max_seq_len)
+    if suffix is None:
+        _check_prompts(tokenizer, prompts, max_new_tokens, model.config.max_seq_len)
+    else:
+        _check_fim(model, prompts, suffix, fim)
     sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -133,14 +163,24 @@ def generate(
     )
     if seed is not None:
         set_seed(seed)
+    trim = suffix is None
     results: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start : start + batch_size])
-        inputs = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt")
+        if suffix is None:
+            inputs = tokenizer(batch, padding=True, padding_side="left", return_tensors="pt")
+        else:
+            ids = [
+                fim_prompt(tokenizer, prefix, after, fim)
+                for prefix, after in zip(batch, suffix[start : start + batch_size], strict=True)
+            ]
+            inputs = tokenizer.pad(
+                {"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt"
+            )
         width = inputs.input_ids.shape[1]
         streamer = None
         if on_text is not None and len(batch) == 1:
-            streamer = _Streamer(tokenizer, stop, lambda text, i=start: on_text(i, text))
+            streamer = _Streamer(tokenizer, stop, lambda text, i=start: on_text(i, text), trim)
         with torch.no_grad():
             output = model.generate(
                 **inputs.to(model.device),
@@ -152,7 +192,7 @@ def generate(
                 streamer=streamer,
             )
         for offset, row in enumerate(output[:, width:].tolist()):
-            text = finish(completion_text(tokenizer, row), stop)
+            text = finish(completion_text(tokenizer, row), stop, trim=trim)
             results.append(text)
             if on_text is not None and streamer is None:
                 on_text(start + offset, text)
@@ -228,6 +268,22 @@ def _check_prompts(
             )
 
 
+def _check_fim(model, prefixes: Sequence[str], suffix: Sequence[str], fim) -> None:
+    """One suffix string per prefix string, and sentinels the model's vocabulary has."""
+    for name, texts in (("prompts", prefixes), ("suffix", suffix)):
+        if isinstance(texts, str) or any(not isinstance(t, str) for t in texts):
+            raise ValueError(f"{name}: pass a list of strings")
+    if len(suffix) != len(prefixes):
+        raise ValueError(f"give one suffix per prompt ({len(prefixes)}), got {len(suffix)}")
+    if fim is None:
+        raise ValueError("a suffix needs the model's fill-in-the-middle settings: fim=")
+    if max(fim.sentinel_ids) >= model.config.vocab_size:
+        raise ValueError(
+            f"fim sentinel ids {sorted(fim.sentinel_ids)} are not in the model's "
+            f"vocabulary of {model.config.vocab_size}"
+        )
+
+
 def completion_text(tokenizer: ReplitTokenizer, ids: Sequence[int]) -> str:
     """Generated ids as text: up to the first EOS, padding dropped, spaces kept as decoded."""
     ids = list(ids)
@@ -238,10 +294,10 @@ def completion_text(tokenizer: ReplitTokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
 
 
-def finish(text: str, stop: Sequence[str]) -> str:
-    """Cut `text` at the first stop sequence and trim trailing whitespace."""
+def finish(text: str, stop: Sequence[str], *, trim: bool = True) -> str:
+    """Cut `text` at the first stop sequence and (`trim`) trim trailing whitespace."""
     cut = min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))
-    return text[:cut].rstrip()
+    return text[:cut].rstrip() if trim else text[:cut]
 
 
 class StopOnText(StoppingCriteria):
@@ -294,11 +350,16 @@ class _Streamer(BaseStreamer):
     """
 
     def __init__(
-        self, tokenizer: ReplitTokenizer, stop: Sequence[str], emit: Callable[[str], None]
+        self,
+        tokenizer: ReplitTokenizer,
+        stop: Sequence[str],
+        emit: Callable[[str], None],
+        trim: bool,
     ):
         self.tokenizer = tokenizer
         self.stop = list(stop)
         self.emit = emit
+        self.trim = trim
         self.ids: list[int] = []
         self.shown = ""
         self.prompt_seen = False
@@ -308,14 +369,14 @@ class _Streamer(BaseStreamer):
             self.prompt_seen = True
             return
         self.ids.extend(value.reshape(-1).tolist())
-        text = finish(completion_text(self.tokenizer, self.ids), self.stop)
+        text = finish(completion_text(self.tokenizer, self.ids), self.stop, trim=self.trim)
         held = max(
             (n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0
         )
         self._show(text[: len(text) - held])
 
     def end(self) -> None:
-        self._show(finish(completion_text(self.tokenizer, self.ids), self.stop))
+        self._show(finish(completion_text(self.tokenizer, self.ids), self.stop, trim=self.trim))
 
     def _show(self, text: str) -> None:
         if len(text) > len(self.shown) and text.startswith(self.shown):
@@ -323,8 +384,9 @@ class _Streamer(BaseStreamer):
             self.shown = text
 
 
-def read_prompts(file: str | os.PathLike) -> list[str]:
-    """Prompts from a file: JSON lines (`*.jsonl`) or text with `---` lines between prompts.
+def read_prompts(file: str | os.PathLike, key: str = "prompt") -> list[str]:
+    """Prompts (or suffixes: `key`) from a file: JSON lines (`*.jsonl`) or text with `---`
+    lines between prompts.
 
     A file that is not UTF-8, holds no prompt, or has a line that is not a prompt is an
     error naming the file (and the line).
@@ -341,24 +403,25 @@ def read_prompts(file: str | os.PathLike) -> list[str]:
     if path.suffix != ".jsonl":
         prompts = [p for p in SEPARATOR.split(text) if p]
     else:
-        prompts = [_jsonl_prompt(path, n, line) for n, line in enumerate(text.splitlines(), 1)]
+        lines = enumerate(text.splitlines(), 1)
+        prompts = [_jsonl_prompt(path, n, line, key) for n, line in lines]
         prompts = [p for p in prompts if p is not None]
     if not prompts:
-        raise ValueError(f"{path}: holds no prompt")
+        raise ValueError(f"{path}: holds no {key}")
     return prompts
 
 
-def _jsonl_prompt(path: Path, number: int, line: str) -> str | None:
-    """The prompt on one line of a JSON lines file; None for a blank line."""
+def _jsonl_prompt(path: Path, number: int, line: str, key: str) -> str | None:
+    """The prompt (`key`) on one line of a JSON lines file; None for a blank line."""
     if not line.strip():
         return None
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
-    prompt = record.get("prompt") if isinstance(record, dict) else record
+    prompt = record.get(key) if isinstance(record, dict) else record
     if not isinstance(prompt, str):
-        raise ValueError(f"{path}:{number}: expected a string or an object with a prompt")
-    if not prompt:
+        raise ValueError(f"{path}:{number}: expected a string or an object with a {key}")
+    if not prompt and key == "prompt":
         raise ValueError(f"{path}:{number}: the prompt is empty")
     return prompt

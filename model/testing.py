@@ -21,9 +21,13 @@ from transformers import MptConfig
 from model.checkpoint import expected_shapes
 
 SPECIAL_TOKENS = {"unk_token": "<|unk|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
-# The user-defined pieces of the real vocabulary (ids 3-146), minus <extra_id_N>.
-WHITESPACE_PIECES = (
-    [" " * n for n in range(2, 33)] + ["\t" * n for n in range(1, 9)] + ["\n\n", "\n", "\r"]
+# The user-defined pieces of the real vocabulary, in its order (ids 3-146): whitespace runs,
+# then <extra_id_0>..<extra_id_99> (47-146), which fill-in-the-middle uses as sentinels.
+USER_DEFINED_PIECES = (
+    [" " * n for n in range(2, 33)]
+    + ["\t" * n for n in range(1, 9)]
+    + ["\n\n", "\n", "\r", "\x0b", "\x0c"]
+    + [f"<extra_id_{i}>" for i in range(100)]
 )
 
 
@@ -135,7 +139,7 @@ def train_sentencepiece(texts: Iterable[str], vocab: int) -> bytes:
         unk_piece="<|unk|>",
         eos_piece="<|endoftext|>",
         pad_piece="<|pad|>",
-        user_defined_symbols=WHITESPACE_PIECES,
+        user_defined_symbols=USER_DEFINED_PIECES,
         normalization_rule_name="nmt_nfkc",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,
