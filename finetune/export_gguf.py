@@ -30,7 +30,13 @@ from tqdm.auto import tqdm
 from transformers import MptConfig
 
 from finetune.gguf_vocab import GGUFVocab, gguf_vocab
-from model.checkpoint import check_weights, expected_shapes, read_config, resolve_checkpoint
+from model.checkpoint import (
+    TIED_ALIASES,
+    check_weights,
+    expected_shapes,
+    read_config,
+    resolve_checkpoint,
+)
 
 SPM_FILE = "spiece.model"
 RUN_FILE = "replit_ft.json"  # written by train (adapter folder) and merge (merged folder)
@@ -80,11 +86,9 @@ def export_gguf(
     an existing `out` is replaced only with `overwrite`.
     """
     if (model is None) == (adapter is None):
-        raise ValueError("export gguf: give either --model (a merged folder) or --adapter")
+        raise ValueError("give either --model (a merged folder) or --adapter, not both")
     if weight_type not in TYPES:
-        raise ValueError(
-            f"export gguf: unknown --type {weight_type!r}; use one of {', '.join(TYPES)}"
-        )
+        raise ValueError(f"unknown --type {weight_type!r}; use one of {', '.join(TYPES)}")
     out = Path(out)
     if out.is_dir():
         raise FileExistsError(f"{out}: is a folder; --out names the .gguf file to write")
@@ -136,8 +140,16 @@ def _open_source(
     check_weights(path, config)
     vocab = _vocab(path, config.vocab_size)
     fim = read_fim(path, len(vocab.tokens))
+    aliases = {name: alias for alias, name in TIED_ALIASES.items()}
     with _original_weights(path) as read:
-        yield _Source(path.resolve().name, config, vocab, fim, read)
+
+        def read_or_alias(name: str) -> torch.Tensor:
+            try:
+                return read(name)
+            except KeyError:  # check_weights accepted it under its tied alias
+                return read(aliases[name])
+
+        yield _Source(path.resolve().name, config, vocab, fim, read_or_alias)
 
 
 def _vocab(folder: Path, rows: int) -> GGUFVocab:

@@ -42,7 +42,9 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 Piece = sp_pb2.ModelProto.SentencePiece
 UNIGRAM = sp_pb2.TrainerSpec.UNIGRAM
 SPACE = "▁"  # SentencePiece's escaped space
-WHITESPACE = {SPACE, "\t", "\n", "\r", "\x0b", "\x0c"}
+# A raw space in a piece never matches (the text's spaces are escaped first), in either.
+SPACES = {SPACE, " "}
+WHITESPACE = SPACES | {"\t", "\n", "\r", "\x0b", "\x0c"}
 # SentencePiece's user-defined bonus is 0.1 per byte after the first (GetUserDefinedScore).
 # 0.1 on a 2**-20 grid: every bonus up to a 32-space run (95 bytes) is then exact in float32,
 # so the splits of a longer run tie exactly in llama.cpp's float64 sums, as they do in exact
@@ -167,9 +169,9 @@ def _protected_characters(model_file: Path, pieces: list[Piece]) -> set[str]:
     would need the normalizer to treat the run and the single character apart; refused.
     """
     runs = [p.piece for p in pieces if p.type == Piece.USER_DEFINED and set(p.piece) <= WHITESPACE]
-    protected = {run for run in runs if len(run) == 1} - {SPACE}
+    protected = {run for run in runs if len(run) == 1} - SPACES
     for run in runs:
-        if not set(run) <= protected | {SPACE}:
+        if not set(run) <= protected | SPACES:
             raise VocabError(
                 f"{model_file}: user-defined piece {run!r} is a whitespace run without each of "
                 "its characters being a piece too; llama.cpp's normalizer cannot reproduce it"

@@ -277,7 +277,7 @@ def test_output_is_atomic_0644_and_not_overwritten(merged, gguf_f16, tmp_path, m
 
 def test_refusals_name_the_problem(merged, adapter, tmp_path):
     out = tmp_path / "x.gguf"
-    with pytest.raises(ValueError, match="either --model .* or --adapter"):
+    with pytest.raises(ValueError, match="either --model .* or --adapter, not both"):
         export_gguf(out, model=merged, adapter=adapter)
     with pytest.raises(ValueError, match="unknown --type 'q4_0'"):
         export_gguf(out, model=merged, weight_type="q4_0")
@@ -343,6 +343,35 @@ def test_embedding_rows_beyond_the_vocabulary_are_unused_tokens(tmp_path, real_t
     )  # fmt: skip
     with pytest.raises(VocabError, match="32768 pieces, but the model's embedding has only 1000"):
         export_gguf(tmp_path / "s.gguf", model=small)
+
+
+def test_embedding_stored_under_its_tied_alias(merged, gguf_f16, tmp_path):
+    """A stock transformers save may hold the tied matrix as lm_head.weight only."""
+    folder = tmp_path / "m"
+    shutil.copytree(merged, folder)
+    weights = merged_weights(folder)
+    weights["lm_head.weight"] = weights.pop("transformer.wte.weight")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    out = export_gguf(tmp_path / "alias.gguf", model=folder, progress=False)
+    ours, want = gguf_tensors(out)["token_embd.weight"], gguf_tensors(gguf_f16)["token_embd.weight"]
+    assert np.array_equal(ours.data, want.data)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_gguf(tmp_path_factory) -> Path:
+    """The offline demo's kind of base: a SentencePiece model trained here (its whitespace
+    runs stored with raw spaces, which SentencePiece never matches), 600 pieces."""
+    texts = [p.read_text(encoding="utf-8") for p in REPO_CODE]
+    path = tmp_path_factory.mktemp("small")
+    write_checkpoint(path / "ckpt", n_layers=1, d_model=32, n_heads=2, vocab=600, tokenizer=texts)
+    return export_gguf(path / "small.gguf", model=path / "ckpt", progress=False)
+
+
+def test_small_trained_vocabulary(small_vocab_gguf):
+    tokens = field(small_vocab_gguf, "tokenizer.ggml.tokens")
+    types = field(small_vocab_gguf, "tokenizer.ggml.token_type")
+    assert len(tokens) == 600 and tokens[3] == "  " and types[3] == TokenType.NORMAL
+    assert types[tokens.index("\t")] == TokenType.NORMAL
 
 
 # --- the merged folder as serving engines read it ---
@@ -450,6 +479,16 @@ def test_llama_cpp_tokenizes_like_sentencepiece(llama_cpp, gguf_f16, sp):
         assert identical >= (len(REPO_CODE) + len(STDLIB)) // 2
         assert llm.tokenize(b"<|endoftext|>", add_bos=False, special=True) == [1]
         assert llm.token_eos() == 1 and llm.token_bos() == -1
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_tokenizes_a_trained_vocabulary_like_sentencepiece(llama_cpp, small_vocab_gguf):
+    sp = spm.SentencePieceProcessor(model_file=str(small_vocab_gguf.parent / "ckpt/spiece.model"))
+    llm = llama_cpp.Llama(str(small_vocab_gguf), vocab_only=True, verbose=False)
+    try:
+        for text in TRICKY + [p.read_text(encoding="utf-8") for p in REPO_CODE[:5]]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text)
     finally:
         llm.close()
 
