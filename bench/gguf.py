@@ -278,12 +278,13 @@ def main() -> None:
     reference = args.dir / "kit-logits.npy"
     kit = worker("kit", str(model), args.positions, str(reference))
     rows = []
-    files = {}
+    files, raw = {}, {"kit": kit}
     for weight_type in args.types:
         out = args.dir / f"{model.name}-{weight_type}.gguf"
         made = worker("export", str(model), str(out), weight_type)
         r = worker("llama", str(out), str(model), args.positions, str(reference))
         files[weight_type] = out
+        raw[weight_type] = {"export": made, "llama.cpp": r}
         rows.append(
             [
                 weight_type,
@@ -294,17 +295,19 @@ def main() -> None:
                 f"{r['mean_abs']:.5f}",
                 f"{r['logit_scale']:.2f}",
                 f"{100 * r['top1']:.1f}%",
+                f"{r['seconds']:.1f}",
                 gb(r["peak_anon"]),
                 str(r["context_length"]),
             ]
         )
     print()
     headers = ["GGUF", "export s", "file GB", "export peak GB", "max |Δ|", "mean |Δ|",
-               "max |logit|", "top-1 same", "llama.cpp peak GB", "context"]  # fmt: skip
+               "max |logit|", "top-1 same", "llama.cpp s", "peak GB", "context"]  # fmt: skip
     print(format_table(headers, rows))
     print(
         f"\nkit: load_model fp32, {kit['positions']} positions, {kit['seconds']:.1f} s, "
-        f"peak RssAnon {gb(kit['peak_anon'])} GB. Δ = llama.cpp logits - kit logits."
+        f"peak RssAnon {gb(kit['peak_anon'])} GB. Δ = llama.cpp logits - kit logits; "
+        "times include loading; peak: RssAnon (llama.cpp maps the file: page cache)."
     )
 
     tokens = worker("tokens", str(files[args.types[0]]), str(model))
@@ -331,7 +334,7 @@ def main() -> None:
         f"same places around; a tie: both segmentations score within {TIE} (SentencePiece "
         "sums in float32, llama.cpp and tokenizers in float64)."
     )
-    print("\nraw:", json.dumps({"kit": kit, "tokens": tokens}))
+    print("\nraw:", json.dumps(raw | {"tokens": tokens}))
 
 
 if __name__ == "__main__":
