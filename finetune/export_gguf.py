@@ -14,7 +14,6 @@ with pad id 3 and a leading space, and does not know transformers' `MptForCausal
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import MptConfig
 
 from finetune.gguf_vocab import GGUFVocab, gguf_vocab
+from finetune.run_folder import RECORD, read_record
 from model.checkpoint import (
     TIED_ALIASES,
     check_weights,
@@ -39,7 +39,6 @@ from model.checkpoint import (
 )
 
 SPM_FILE = "spiece.model"
-RUN_FILE = "replit_ft.json"  # written by train (adapter folder) and merge (merged folder)
 # --type: the 2-D weights' type, the file type llama.cpp reports, the dtype to merge in.
 TYPES = {
     "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16, torch.float16),
@@ -165,13 +164,8 @@ def _vocab(folder: Path, rows: int) -> GGUFVocab:
 def read_fim(folder: Path, vocab_size: int) -> dict[str, int] | None:
     """The FIM sentinel ids of `folder/replit_ft.json` ("fim": {prefix_id, suffix_id,
     middle_id, ...}), or None when the file is absent or the run trained without FIM."""
-    file = folder / RUN_FILE
-    if not file.is_file():
-        return None
-    try:
-        fim = json.loads(file.read_text()).get("fim")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ExportError(f"{file}: not a JSON object ({err})") from err
+    file = folder / RECORD
+    fim = (read_record(folder) or {}).get("fim")
     if fim is None:
         return None
     if not isinstance(fim, dict):

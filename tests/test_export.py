@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-import yaml
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader, TokenType
 from peft import LoraConfig, get_peft_model
@@ -28,6 +27,7 @@ from finetune.cli import main
 from finetune.export_gguf import ExportError, export_gguf, read_fim
 from finetune.gguf_vocab import TENTH, VocabError, gguf_vocab
 from finetune.merge import merge
+from finetune.run_folder import write_record
 from model import load_model
 from model.checkpoint import expected_shapes, read_config
 from model.testing import write_checkpoint
@@ -64,14 +64,12 @@ def base(tmp_path_factory, real_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, base) -> Path:
-    """A run folder trained at 4096 tokens (above the base's 2048), holding adapter/."""
-    run = tmp_path_factory.mktemp("run")
-    (run / "recipe.yaml").write_text(
-        yaml.safe_dump({"model": {"name": str(base)}, "data": {"seq_len": 4096}})
-    )
+    """An adapter trained at 4096 tokens (above the base's 2048), as train leaves it."""
+    path = tmp_path_factory.mktemp("run") / "adapter"
     config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False)
-    get_peft_model(load_model(base), config).save_pretrained(run / "adapter")
-    return run / "adapter"
+    get_peft_model(load_model(base), config).save_pretrained(path)
+    write_record(path, {"base": str(base), "max_seq_len": 4096, "fim": None})
+    return path
 
 
 @pytest.fixture(scope="module")
