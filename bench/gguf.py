@@ -62,22 +62,20 @@ def tiny_worker(root: str) -> None:
     """A tiny base with the real vocabulary, a random LoRA adapter, merged in bf16."""
     ensure_repo_on_path()
     root = Path(root)
-    import yaml
     from peft import LoraConfig, get_peft_model
 
     from finetune.merge import merge
+    from finetune.run_folder import write_record
     from model import load_model
     from model.testing import write_checkpoint
 
     base = write_checkpoint(root / "base", **TINY, tokenizer=SHARED_TOKENIZER, std=0.05)
-    run = root / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    recipe = {"model": {"name": str(base)}, "data": {"seq_len": 4096}}
-    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    adapter = root / "run" / "adapter"
     targets = ["Wqkv", "out_proj", "up_proj", "down_proj"]
     config = LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    get_peft_model(load_model(base), config).save_pretrained(run / "adapter")
-    merge(run / "adapter", root / "merged", dtype="bf16", overwrite=True, progress=False)
+    get_peft_model(load_model(base), config).save_pretrained(adapter)
+    write_record(adapter, {"base": str(base), "max_seq_len": 4096, "fim": None})  # as train does
+    merge(adapter, root / "merged", dtype="bf16", overwrite=True, progress=False)
     emit_result({"merged": str(root / "merged")})
 
 
