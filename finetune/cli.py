@@ -112,6 +112,21 @@ def merge(args: argparse.Namespace) -> None:
     )
 
 
+def export(args: argparse.Namespace) -> None:
+    """`export gguf`: one GGUF file for llama.cpp from a merged folder or an adapter."""
+    from finetune.export_gguf import export_gguf
+
+    out = export_gguf(
+        args.out,
+        model=args.model,
+        adapter=args.adapter,
+        base=args.base,
+        weight_type=args.type,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB, {args.type})")
+
+
 def generate(args: argparse.Namespace) -> None:
     """Stream a single prompt's completion; print a batch's completions with `---` between.
 
@@ -270,6 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard above it")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     m.set_defaults(run=merge)
+
+    e = commands.add_parser("export", help="a merged model for other runtimes (llama.cpp)")
+    formats = e.add_subparsers(dest="format", required=True)
+    gg = formats.add_parser("gguf", help="one GGUF file for llama.cpp, Ollama, LM Studio")
+    model = gg.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", metavar="DIR", help="merged checkpoint (replit-ft merge)")
+    model.add_argument("--adapter", metavar="DIR", help="LoRA adapter, merged in memory")
+    gg.add_argument("--base", metavar="NAME_OR_PATH", help="with --adapter: default its base")
+    gg.add_argument("--out", required=True, metavar="FILE.gguf", help="the file to write")
+    gg.add_argument("--type", choices=["f16", "bf16", "q8_0"], default="f16", help="weights")
+    gg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    gg.set_defaults(run=export)
 
     g = commands.add_parser("generate", help="complete prompts (streamed when there is one)")
     g.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")

@@ -83,14 +83,7 @@ def merge(
     tmp.mkdir()
     try:
         say(f"loading {info.base} ({dtype_name(out_dtype)}, max_seq_len {info.max_seq_len})")
-        # On CPU even beside a GPU: the fp32 originals are read there, and the merge is
-        # a few matrix products per layer.
-        model = load_model(
-            info.base_path, compute_dtype=out_dtype, max_seq_len=info.max_seq_len, device="cpu"
-        )
-        with _original_weights(info.base_path) as original:
-            model = _merge_in_fp32(model, info, out_dtype, original, progress)
-            _check_finite(model, out_dtype, original, info)
+        model = merged_model(info, out_dtype, progress)
         say(f"writing {out}")
         model.generation_config = GenerationConfig(
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
@@ -98,6 +91,7 @@ def merge(
         model.save_pretrained(tmp, max_shard_size=shard_bytes)
         _plain_mpt_config(tmp / "config.json")
         tokenizer.save_pretrained(tmp)
+        _ready_for_serving(tmp, tokenizer.pad_token_id, info.max_seq_len)
         write_record(tmp, merged_record(info, out_dtype))
         (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
         _seal(tmp)
@@ -129,6 +123,22 @@ def _size_bytes(size: int | str) -> int:
             f"max_shard_size {size!r}: expected a size like 5GB or 500MB (--max-shard-size)"
         )
     return count
+
+
+def merged_model(info: Adapter, dtype: torch.dtype, progress: bool = True) -> ReplitForCausalLM:
+    """The adapter merged into its base in memory, as `merge` writes it (and `export` reads it).
+
+    At the adapter's trained context, on CPU even beside a GPU: the fp32 originals are read
+    there, and the merge is a few matrix products per layer. `dtype` is the merged
+    weights'; a tensor that is not finite in it is an error (see `_check_finite`).
+    """
+    model = load_model(
+        info.base_path, compute_dtype=dtype, max_seq_len=info.max_seq_len, device="cpu"
+    )
+    with _original_weights(info.base_path) as original:
+        model = _merge_in_fp32(model, info, dtype, original, progress)
+        _check_finite(model, dtype, original, info)
+    return model
 
 
 def _merge_in_fp32(
@@ -312,6 +322,26 @@ def _plain_mpt_config(file: Path) -> None:
     config.pop("auto_map", None)
     config["architectures"] = ["MptForCausalLM"]
     file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _ready_for_serving(folder: Path, pad_id: int, max_seq_len: int) -> None:
+    """What serving engines read besides the weights: the pad id in config.json and the
+    trained context as the tokenizer's model_max_length (its config says 2048 otherwise,
+    and transformers warns past it).
+
+    `architectures` stays transformers' `MptForCausalLM`, which vLLM registers too
+    (beside `MPTForCausalLM`). llama.cpp's converter knows only `MPTForCausalLM`, but
+    renaming buys nothing: it then fails for want of tokenizer.model, and given one, it
+    writes a vocabulary llama.cpp crashes on. `replit-ft export gguf` writes the GGUF.
+    """
+    config_file, tokenizer_file = folder / "config.json", folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["pad_token_id"] = pad_id
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_config = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    tokenizer_config["model_max_length"] = max_seq_len
+    text = json.dumps(tokenizer_config, indent=2, sort_keys=True, ensure_ascii=False)
+    tokenizer_file.write_text(text + "\n", encoding="utf-8")
 
 
 def _progress(enabled: bool) -> Callable[[str], None]:
