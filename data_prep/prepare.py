@@ -42,6 +42,7 @@ from datasets import (
 
 from data_prep.code import collect_code
 from data_prep.document import Document, Skipped
+from data_prep.files import fsync, fsync_tree, is_disk_full
 from data_prep.fim import MIN_SEQ_LEN as FIM_MIN_SEQ_LEN
 from data_prep.fim import FimSettings, document_rng, fim_pieces
 from data_prep.instructions import Template, load_instructions
@@ -435,10 +436,10 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: boo
             # One shard per split even when a split is empty: datasets cannot reload zero shards.
             data.save_to_disk(str(tmp), num_shards={name: 1 for name in data})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError) and _disk_full(err):
+        if isinstance(err, OSError) and is_disk_full(err):
             raise OSError(
                 errno.ENOSPC,
                 f"no space left on the device holding {out.parent} while writing the dataset "
@@ -455,31 +456,8 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: boo
         if old.exists():
             old.rename(out)
         raise
-    _fsync(out.parent)
+    fsync(out.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _disk_full(err: BaseException | None) -> bool:
-    """Whether an error, or one it was raised from, is ENOSPC (libraries often wrap it)."""
-    while err is not None:
-        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(folder)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _nothing_left(sources: list[dict[str, Any]], skipped: Skipped) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from finetune.atomic import write_atomic
+from data_prep.files import write_atomic
 from model.modeling import LOSS_CHUNK_TOKENS
 
 

@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType as Q
 from tqdm.auto import tqdm
 from transformers import MptConfig
 
+from data_prep.files import fsync
 from finetune.gguf_vocab import GGUFVocab, gguf_vocab
 from finetune.run_folder import RECORD, read_record
 from model.checkpoint import (
@@ -104,7 +105,7 @@ def export_gguf(
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    _fsync_dir(out.parent)
+    fsync(out.parent)
     return out
 
 
@@ -282,11 +283,3 @@ def _encode(name: str, tensor: torch.Tensor, tensor_type: Q) -> np.ndarray:
             )
         return half.numpy()
     return gguf.quants.quantize(tensor.float().numpy(), tensor_type)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

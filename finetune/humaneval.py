@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from finetune.atomic import write_atomic
+from data_prep.files import write_atomic
 from finetune.sandbox import Sandbox
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a completion ends at the function's end

@@ -35,10 +35,11 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from data_prep.files import fsync_tree, is_disk_full, readable_by_others
 from finetune.adapter import ADAPTER_WEIGHTS, Adapter, AdapterError, check_adapter
 from finetune.lora import peft_quietly
 from finetune.model_card import dtype_name, model_card
@@ -98,7 +99,7 @@ def merge(
         _publish(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(err):
+        if is_disk_full(err):
             raise OSError(
                 errno.ENOSPC,
                 f"{out.parent}: no space left on the disk; the merged checkpoint needs about "
@@ -261,29 +262,9 @@ def _alive(pid: int) -> bool:
 
 
 def _seal(folder: Path) -> None:
-    """Give every written file the mode a plain `open()` would (0644 under umask 022), fsynced.
-
-    safetensors writes its files 0600; a checkpoint is meant to be read by others.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            file.chmod(0o666 & ~umask)
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _disk_full(err: BaseException) -> bool:
-    """ENOSPC from Python's writes, or from safetensors' (which reports it as text)."""
-    if isinstance(err, OSError):
-        return err.errno == errno.ENOSPC
-    return isinstance(err, SafetensorError) and "os error 28" in str(err)
+    """Every file readable by others (safetensors writes 0600), all of it flushed to disk."""
+    readable_by_others(folder)
+    fsync_tree(folder)
 
 
 def _model_size(info: Adapter, dtype: torch.dtype) -> str:

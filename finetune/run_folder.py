@@ -22,7 +22,6 @@ whose files no longer match it, is skipped with a message naming the file.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -32,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data_prep.files import fsync, write_atomic
 
 RECIPE = "recipe.yaml"
 RUN_INFO = "run.json"
@@ -46,7 +47,8 @@ SEAL = "complete.json"
 RECORD = "replit_ft.json"  # in an adapter or merged folder: how it was trained
 
 _RUN_FILES = (RECIPE, RUN_INFO, METRICS, PLOT, TENSORBOARD, ADAPTER, HUMANEVAL)
-_TEMPORARY = re.compile(r"\.(recipe\.yaml|run\.json|metrics\.json|loss\.png)\.\d+\.tmp")
+# write_atomic's temporary files, left by a run that was killed while writing one
+_TEMPORARY = re.compile(r"\.(recipe\.yaml|run\.json|metrics\.json|loss\.png)\..+\.tmp")
 
 
 class RunFolderError(ValueError):
@@ -174,8 +176,7 @@ def seal_checkpoint(checkpoint: Path) -> None:
     """Flush every file of `checkpoint` to disk, then write `complete.json` listing them."""
     files = {}
     for file in sorted(p for p in checkpoint.rglob("*") if p.is_file() and p.name != SEAL):
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync(file)
         files[file.relative_to(checkpoint).as_posix()] = _file_digest(file)
     write_json(checkpoint / SEAL, {"files": files})
 
@@ -211,23 +212,8 @@ def _file_digest(file: Path) -> dict[str, Any]:
 
 
 def write_json(file: Path, data: Any) -> None:
-    """Write JSON atomically (see `write_text`)."""
-    write_text(file, json.dumps(data, indent=2) + "\n")
-
-
-def write_text(file: Path, text: str) -> None:
-    """Write under a temporary name, flush to disk and rename into place, mode 0644."""
-    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write JSON whole or not at all (data_prep.files.write_atomic)."""
+    write_atomic(file, json.dumps(data, indent=2) + "\n")
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -250,13 +236,3 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The `replit_ft.json` of an adapter or merged folder, or None where there is none."""
     file = Path(folder) / RECORD
     return read_json(file) if file.is_file() else None
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """Whether `err` is a write that failed for lack of space (torch reports it as RuntimeError)."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err)
-    return "No space left on device" in text or (
-        isinstance(err, RuntimeError) and "file write failed" in text
-    )

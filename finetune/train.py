@@ -50,6 +50,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from data_prep.files import is_disk_full, write_atomic
 from data_prep.prepare import Prepared, prepare
 from data_prep.report import summary as data_summary
 from finetune.demo_base import ensure_tiny_base
@@ -65,12 +66,10 @@ from finetune.recipe import (
 from finetune.report import write_report
 from finetune.run_folder import (
     RunFolder,
-    is_disk_full,
     read_json,
     seal_checkpoint,
     write_json,
     write_record,
-    write_text,
 )
 from model.attention import resolve_attn_impl
 from model.loading import parse_dtype
@@ -115,7 +114,7 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
             run.clear()
         _drop_unusable_checkpoints(run, plan, say)
         run.path.mkdir(parents=True, exist_ok=True)
-        write_text(run.recipe, yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+        write_atomic(run.recipe, yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
         info = {"data_fingerprint": prepared[0].manifest["fingerprint"]}
         write_json(run.info, info | {"processes": state.num_processes})
     state.wait_for_everyone()

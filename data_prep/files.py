@@ -1,0 +1,83 @@
+"""Durable files, for everything the kit writes: whole or not at all, on disk, readable.
+
+One place for the three habits every writer needs: write under a temporary name and
+rename (a crash or kill leaves the old file or none, never half of one), flush to disk
+before the rename is trusted (fsync of the file, then of its folder), and give files the
+mode a plain `open()` would (0644 under umask 022: `mkstemp` and safetensors write 0600).
+And one test of a failed write for lack of space, which libraries report in several ways.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace `path` with `data`, flushed to disk, mode 0666 & ~umask."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(raw)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync(path.parent)  # the rename itself
+
+
+def fsync(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder`, and `folder` itself, to disk."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        fsync(path)
+    fsync(folder)
+
+
+def readable_by_others(folder: Path) -> None:
+    """Give every file under `folder` the mode a plain `open()` would (0644 under umask 022)."""
+    mode = 0o666 & ~umask()
+    for file in folder.rglob("*"):
+        if file.is_file():
+            file.chmod(mode)
+
+
+def umask() -> int:
+    """The process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_disk_full(err: BaseException | None) -> bool:
+    """Whether a failed write, or an error it was raised from, ran out of space.
+
+    Python reports ENOSPC (or EDQUOT), torch's zip writer "file write failed", safetensors
+    "No space left on device (os error 28)"; libraries often wrap one in another.
+    """
+    while err is not None:
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err)
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        if isinstance(err, RuntimeError) and "file write failed" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
