@@ -20,7 +20,9 @@ SEQ_LEN, BUCKET = 256, 64
 
 @pytest.fixture(scope="module")
 def adapter(tiny_checkpoint, tmp_path_factory) -> Path:
-    config = LoraConfig(r=4, target_modules=["Wqkv", "up_proj"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["Wqkv", "up_proj"], init_lora_weights=False
+    )
     out = tmp_path_factory.mktemp("run") / "adapter"
     get_peft_model(load_model(tiny_checkpoint), config).save_pretrained(out)
     return out
