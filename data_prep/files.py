@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -81,3 +83,40 @@ def is_disk_full(err: BaseException | None) -> bool:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def temporary_path(target: Path, kind: str) -> Path:
+    """`.NAME.KIND-HOST-PID` beside `target`: this process's temporary, known later by name."""
+    return target.with_name(f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temporaries(target: Path, kinds: tuple[str, ...]) -> list[Path]:
+    """Remove the temporaries of `kinds` beside `target` left by processes that were killed.
+
+    Only this host's (a shared file system may hold another host's, alive) and only of
+    processes that no longer run; `.NAME.KIND-PID`, without a host, counts as this host's.
+    Returns what was removed.
+    """
+    host, prefix, removed = socket.gethostname(), f".{target.name}.", []
+    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+        kind, dash, owner = entry.name.removeprefix(prefix).partition("-")
+        owner_host, _, pid = owner.rpartition("-")
+        if not entry.name.startswith(prefix) or kind not in kinds or not dash:
+            continue
+        if owner_host in ("", host) and pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -5,7 +5,7 @@ The output folder holds a `datasets.DatasetDict` (`train`, `validation`) written
 token and row counts, packing efficiency, the tokenizer's checksum and the settings.
 A second run with the same inputs and settings finds the manifest's fingerprint and
 reuses the folder; any change to a file, a setting or the tokenizer redoes it. The
-folder is written under a temporary name (`.OUT.tmp-PID`), fsynced and swapped in at the
+folder is written under a temporary name (`.OUT.tmp-HOST-PID`), fsynced and swapped in at the
 end, so an interrupted run never leaves a half-written dataset where a good one was; a
 failed run removes its temporary folder, and those of killed runs are removed by the next
 run. An exclusive lock (`.OUT.lock`, beside the folder) covers check-and-write, so of two
@@ -19,7 +19,6 @@ import errno
 import fcntl
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
@@ -42,7 +41,13 @@ from datasets import (
 
 from data_prep.code import collect_code
 from data_prep.document import Document, Skipped
-from data_prep.files import fsync, fsync_tree, is_disk_full
+from data_prep.files import (
+    fsync,
+    fsync_tree,
+    is_disk_full,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from data_prep.fim import MIN_SEQ_LEN as FIM_MIN_SEQ_LEN
 from data_prep.fim import FimSettings, document_rng, fim_pieces
 from data_prep.instructions import Template, load_instructions
@@ -158,7 +163,7 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
             "run must read the same data. Restore it, or start a new run."
         )
     with _locked(out):
-        _remove_stale(out)
+        remove_stale_temporaries(out, ("tmp", "old"))
         old = _read_manifest(out)
         if old is not None and old.get("fingerprint") == fingerprint:
             return Prepared(out, old, reused=True)
@@ -394,25 +399,6 @@ def _locked(out: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def _remove_stale(out: Path) -> None:
-    """Remove the `.OUT.tmp-PID` / `.OUT.old-PID` folders of processes that no longer run."""
-    for folder in out.parent.iterdir():
-        kind, _, pid = folder.name.removeprefix(f".{out.name}.").rpartition("-")
-        if folder.name.startswith(f".{out.name}.") and kind in ("tmp", "old") and pid.isdigit():
-            if not _alive(int(pid)):
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 @contextmanager
 def _datasets_progress(enabled: bool) -> Iterator[None]:
     """datasets' own progress bars (save_to_disk's) on or off, as they were afterwards."""
@@ -429,7 +415,7 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: boo
 
     On any failure the temporary folder is removed; a full disk is an error saying so.
     """
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with _datasets_progress(progress):
@@ -446,7 +432,7 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: boo
                 f"(nothing was changed; free space there or set another data.out / --out)",
             ) from err
         raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    old = temporary_path(out, "old")
     if out.exists():
         out.rename(old)
     try:

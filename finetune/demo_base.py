@@ -6,11 +6,11 @@ temporary name and renamed into place, so a run killed while writing it leaves n
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from data_prep.code import collect_code
+from data_prep.files import remove_stale_temporaries, temporary_path
 from finetune.recipe import Recipe
 from model.testing import write_checkpoint
 
@@ -31,7 +31,8 @@ def ensure_tiny_base(recipe: Recipe) -> None:
     lines = [line for doc in corpus.documents for line in doc.completion.splitlines(True)]
     if not lines:
         raise ValueError(f"data.code {recipe.data.code}: no code to train the tiny tokenizer on")
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(target, ("tmp",))
+    tmp = temporary_path(target, "tmp")
     try:
         write_checkpoint(
             tmp,

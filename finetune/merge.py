@@ -17,13 +17,11 @@ folder of a merge that was killed is removed by the next merge into the same pla
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import zipfile
@@ -39,7 +37,13 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from data_prep.files import fsync_tree, is_disk_full, readable_by_others
+from data_prep.files import (
+    fsync_tree,
+    is_disk_full,
+    readable_by_others,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from finetune.adapter import ADAPTER_WEIGHTS, Adapter, AdapterError, check_adapter
 from finetune.lora import peft_quietly
 from finetune.model_card import dtype_name, model_card
@@ -77,10 +81,9 @@ def merge(
     say = _progress(progress)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in _stale_partials(out):
-        say(f"removing {stale}, left by a merge that was killed")
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}"
+    for stale in remove_stale_temporaries(out, ("partial",)):
+        say(f"removed {stale}, left by a merge that was killed")
+    tmp = temporary_path(out, "partial")
     tmp.mkdir()
     try:
         say(f"loading {info.base} ({dtype_name(out_dtype)}, max_seq_len {info.max_seq_len})")
@@ -233,34 +236,6 @@ def _check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise ValueError(f"{out}: holds {path}, which this merge reads; write elsewhere")
 
 
-PARTIAL = ".partial-"  # .OUT.partial-HOST-PID: the folder a merge writes before its rename
-
-
-def _stale_partials(out: Path) -> list[Path]:
-    """Temporary folders beside `out` left by killed merges: this host's, of dead processes.
-
-    A folder of another host (a shared file system) or of a live process is never touched;
-    `.OUT.partial-PID` (no host) is an older version's name for this host's folders.
-    """
-    stale = []
-    host = socket.gethostname()
-    for folder in out.parent.glob(f".{glob.escape(out.name)}{PARTIAL}*"):
-        owner_host, _, pid = folder.name.rsplit(PARTIAL, 1)[1].rpartition("-")
-        if owner_host in ("", host) and pid.isdigit() and not _alive(int(pid)):
-            stale.append(folder)
-    return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _seal(folder: Path) -> None:
     """Every file readable by others (safetensors writes 0600), all of it flushed to disk."""
     readable_by_others(folder)
@@ -275,7 +250,7 @@ def _model_size(info: Adapter, dtype: torch.dtype) -> str:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder in; an existing `out` is replaced only once `tmp` is complete."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+    old = temporary_path(out, "old") if out.exists() else None
     if old is not None:
         out.rename(old)
     try:
