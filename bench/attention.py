@@ -7,7 +7,7 @@ on CPU in fp32, batch 1, for
             attention, the only one it has; fp32), with `cfg.max_seq_len` raised to 4096,
 both loaded from the same random checkpoint in the published layout (d_model 2560,
 n_heads 32, vocab 32768, 2 layers by default; written once with
-`model.testing.write_checkpoint` and reused). Both models are in train mode (all
+`model.random_checkpoint.write_checkpoint` and reused). Both models are in train mode (all
 dropout is 0 in this config), all parameters trainable, `use_cache=False`.
 
 How: every (model, length) runs in its own subprocess, so peak memory is its own.

@@ -378,7 +378,7 @@ def _write_checkpoint_worker(target: Path, spec: dict[str, int]) -> None:
     import shutil
 
     ensure_repo_on_path()
-    from model.testing import write_checkpoint
+    from model.random_checkpoint import write_checkpoint
 
     target.parent.mkdir(parents=True, exist_ok=True)
     dims = {k: spec[k] for k in ("n_layers", "d_model", "n_heads", "vocab")}

@@ -67,7 +67,7 @@ def tiny_worker(root: str) -> None:
     from finetune.merge import merge
     from finetune.run_folder import write_record
     from model import load_model
-    from model.testing import write_checkpoint
+    from model.random_checkpoint import write_checkpoint
 
     base = write_checkpoint(root / "base", **TINY, tokenizer=SHARED_TOKENIZER, std=0.05)
     adapter = root / "run" / "adapter"

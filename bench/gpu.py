@@ -190,7 +190,7 @@ def write_checkpoint(path: Path, dims: dict[str, int]) -> Path:
     from safetensors.torch import save_file
 
     from model.checkpoint import expected_shapes
-    from model.testing import replit_config
+    from model.random_checkpoint import replit_config
 
     if (path / "model.safetensors").is_file():
         return path

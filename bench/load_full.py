@@ -7,7 +7,7 @@ pytorch_model.bin of 10.4 GB, 2,600,634,880 parameters) is loaded with
   bf16: `model.loading.load_model(dir, compute_dtype="bf16")`
 each in its own subprocess, on CPU.
 
-How: the checkpoint is written once by `model.testing.write_checkpoint` (in a
+How: the checkpoint is written once by `model.random_checkpoint.write_checkpoint` (in a
 subprocess: it holds the whole fp32 state dict, ~10.4 GB, while saving) into a
 temporary directory renamed to `--dir` when complete, so an interrupted write is never
 reused; later runs reuse it. For each load:

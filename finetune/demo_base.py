@@ -12,7 +12,7 @@ from pathlib import Path
 from data_prep.code import collect_code
 from data_prep.files import remove_stale_temporaries, temporary_path
 from finetune.recipe import Recipe
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 
 def ensure_tiny_base(recipe: Recipe) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "replit-code-v1-3b"
 

@@ -12,7 +12,7 @@ import torch
 
 from model import load_model
 from model.attention import BatchLayout, alibi_slopes, eager_attention
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

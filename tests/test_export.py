@@ -30,7 +30,7 @@ from finetune.merge import merge
 from finetune.run_folder import write_record
 from model import load_model
 from model.checkpoint import expected_shapes, read_config
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_CODE = sorted(p for d in ("model", "finetune", "data_prep") for p in (ROOT / d).glob("*.py"))

@@ -20,7 +20,7 @@ from finetune.generate import (
 )
 from finetune.merge import merge
 from model import load_model, load_tokenizer
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 PROMPTS = ["def fib(n):\n", "import os", "class Stack:\n    def __init__(self):"]
 GREEDY = {"temperature": 0, "max_new_tokens": 12}

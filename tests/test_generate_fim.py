@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from finetune.cli import main
 from finetune.generate import fim_settings, finish, generate, load_for_generation
 from model import load_model
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 PRE, SUF, MID, EOS = 47, 48, 49, 1
 PREFIX = "def area(r):\n    "

@@ -191,7 +191,7 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, r
 
     from finetune.recipe import load_recipe
     from finetune.train import train
-    from model.testing import write_checkpoint
+    from model.random_checkpoint import write_checkpoint
 
     base = write_checkpoint(
         tmp_path / "base", n_layers=2, d_model=64, n_heads=4, tokenizer=real_tokenizer_dir

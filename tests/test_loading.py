@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from finetune.cli import main as cli
 from model import load_model
 from model.checkpoint import CheckpointError
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 IDS = torch.randint(3, 32768, (2, 21))
 

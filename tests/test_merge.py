@@ -23,7 +23,7 @@ from finetune.cli import main
 from finetune.merge import merge
 from model import ReplitForCausalLM, load_model, load_tokenizer
 from model.checkpoint import CheckpointError
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 TARGETS = ["Wqkv", "out_proj", "up_proj", "down_proj"]
 

@@ -13,7 +13,7 @@ from finetune.lora import build_model
 from finetune.recipe import LoraSection, ModelSection
 from model import modeling, offload
 from model.offload import ActivationOffload
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 CPU = torch.device("cpu")
 

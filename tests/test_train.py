@@ -24,7 +24,7 @@ from finetune.recipe import RecipeError, load_recipe
 from finetune.run_folder import RunFolder, RunFolderError
 from finetune.train import adapter_digest, main, train
 from model import load_model
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
