@@ -13,7 +13,7 @@
 # a later call with: bash bench/gpu_device.sh figures --sections ladder ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"
+WHEELS="transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pathspec==1.1.1"
 
 install() {  # on the device: the carried wheels over the image's packages
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
