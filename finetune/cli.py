@@ -245,6 +245,8 @@ def _sandbox(args: argparse.Namespace):
     """The sandbox of `eval humaneval` and `eval infill`, from their shared options."""
     from finetune.sandbox import Limits, Sandbox
 
+    if args.workers is not None and args.workers < 1:  # before any generation
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
     return Sandbox(Limits(timeout=args.timeout), allow_network=args.allow_network)
 
 

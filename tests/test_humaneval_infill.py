@@ -162,6 +162,8 @@ def test_a_model_without_fim_is_refused_before_it_loads(tiny_checkpoint, tmp_pat
         main(command)
     with pytest.raises(SystemExit, match="replit-ft eval: --max-new-tokens must be a positive"):
         main([*command, "--max-new-tokens", "0"])
+    with pytest.raises(SystemExit, match="replit-ft eval: --workers must be at least 1, got 0"):
+        main([*command, "--workers", "0"])
     with pytest.raises(SystemExit, match="name a model"):
         main(["eval", "infill", "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
