@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from data_prep.files import write_atomic
 from data_prep.fim import FimSettings
-from finetune.atomic import write_atomic
 from finetune.humaneval import benchmark, load_problems, score
 from finetune.sandbox import Sandbox
 

@@ -19,7 +19,7 @@ from finetune.humaneval_infill import (
     write_results,
 )
 from finetune.sandbox import Sandbox
-from model.testing import write_checkpoint
+from model.random_checkpoint import write_checkpoint
 
 FIM = {"rate": 0.5, "spm_rate": 0.5, "prefix_id": 47, "suffix_id": 48, "middle_id": 49}
 
