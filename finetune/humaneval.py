@@ -151,35 +151,68 @@ def generate_samples(
     completion is cut at the first stop sequence of STOP, as `generate` does for --stop.
     The seed is set once, so repeated prompts in different batches draw different samples.
     """
-    from tqdm.auto import tqdm
     from transformers import set_seed
-
-    from finetune.generate import generate
 
     prompts = [p["prompt"] for p in problems for _ in range(decoding.samples_per_task)]
     tasks = [p["task_id"] for p in problems for _ in range(decoding.samples_per_task)]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    completions: list[str] = [""] * len(prompts)
     set_seed(decoding.seed)
+    completions = generate_longest_first(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=decoding.batch_size,
+        desc="generate",
+        progress=progress,
+        max_new_tokens=decoding.max_new_tokens,
+        temperature=decoding.temperature,
+        top_p=decoding.top_p,
+        top_k=0,
+        stop=STOP,
+    )
+    return [{"task_id": t, "completion": c} for t, c in zip(tasks, completions, strict=True)]
+
+
+def generate_longest_first(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    suffix: Sequence[str] | None = None,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    **options: Any,
+) -> list[str]:
+    """`finetune.generate.generate` over many prompts, longest first, results in input order.
+
+    Batching prompts of similar length wastes the least on left padding; with `suffix`
+    (fill-in-the-middle) a prompt's length counts its suffix too. `options` go to generate.
+    """
+    from tqdm.auto import tqdm
+
+    from finetune.generate import generate
+
+    def length(i: int) -> int:
+        return len(prompts[i]) + (len(suffix[i]) if suffix is not None else 0)
+
+    order = sorted(range(len(prompts)), key=lambda i: -length(i))
+    results: list[str] = [""] * len(prompts)
     model.eval()
-    with tqdm(total=len(prompts), desc="generate", disable=not progress) as bar:
-        for start in range(0, len(order), decoding.batch_size):
-            batch = order[start : start + decoding.batch_size]
+    with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
             texts = generate(
                 model,
                 tokenizer,
                 [prompts[i] for i in batch],
-                max_new_tokens=decoding.max_new_tokens,
-                temperature=decoding.temperature,
-                top_p=decoding.top_p,
-                top_k=0,
-                stop=STOP,
+                suffix=None if suffix is None else [suffix[i] for i in batch],
                 batch_size=len(batch),
+                **options,
             )
             for i, text in zip(batch, texts, strict=True):
-                completions[i] = text
+                results[i] = text
             bar.update(len(batch))
-    return [{"task_id": t, "completion": c} for t, c in zip(tasks, completions, strict=True)]
+    return results
 
 
 def score(

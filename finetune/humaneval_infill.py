@@ -34,7 +34,7 @@ from typing import Any
 
 from data_prep.files import write_atomic
 from data_prep.fim import FimSettings
-from finetune.humaneval import benchmark, load_problems, score
+from finetune.humaneval import benchmark, generate_longest_first, load_problems, score
 from finetune.sandbox import Sandbox
 
 STOP = ("\n",)  # one line: generation ends at the first newline (or EOS)
@@ -97,32 +97,20 @@ def generate_middles(
 
     Tasks go longest first in batches of `batch_size` (left-padded, KV cache).
     """
-    from tqdm.auto import tqdm
-
-    from finetune.generate import generate
-
     prompts = {p["task_id"]: p["prompt"] for p in problems}
-    prefixes = [prompts[t.task_id] + t.before for t in tasks]
-    order = sorted(range(len(tasks)), key=lambda i: -len(prefixes[i]) - len(tasks[i].after))
-    middles: list[str] = [""] * len(tasks)
-    model.eval()
-    with tqdm(total=len(tasks), desc="infill", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            texts = generate(
-                model,
-                tokenizer,
-                [prefixes[i] for i in batch],
-                suffix=[tasks[i].after for i in batch],
-                fim=fim,
-                max_new_tokens=max_new_tokens,
-                temperature=0,
-                stop=STOP,
-                batch_size=len(batch),
-            )
-            for i, text in zip(batch, texts, strict=True):
-                middles[i] = text
-            bar.update(len(batch))
+    middles = generate_longest_first(
+        model,
+        tokenizer,
+        [prompts[t.task_id] + t.before for t in tasks],
+        suffix=[t.after for t in tasks],
+        batch_size=batch_size,
+        desc="infill",
+        progress=progress,
+        fim=fim,
+        max_new_tokens=max_new_tokens,
+        temperature=0,
+        stop=STOP,
+    )
     return middles
 
 
