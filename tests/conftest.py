@@ -80,6 +80,16 @@ def tiny_checkpoint(tmp_path_factory, real_tokenizer_dir) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, real_tokenizer_dir) -> Path:
+    """2 layers, d_model 64, 4 heads, std 0.1 (weights large enough for LoRA to show): the
+    base that training, merge and export tests adapt. Read only."""
+    path = tmp_path_factory.mktemp("base")
+    return write_checkpoint(
+        path, n_layers=2, d_model=64, n_heads=4, tokenizer=real_tokenizer_dir, std=0.1
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -55,14 +55,6 @@ TIE = 0.01
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, real_tokenizer_dir) -> Path:
-    path = tmp_path_factory.mktemp("base")
-    return write_checkpoint(
-        path, n_layers=2, d_model=64, n_heads=4, tokenizer=real_tokenizer_dir, std=0.1
-    )
-
-
-@pytest.fixture(scope="module")
 def adapter(tmp_path_factory, base) -> Path:
     """An adapter trained at 4096 tokens (above the base's 2048), as train leaves it."""
     path = tmp_path_factory.mktemp("run") / "adapter"

@@ -38,14 +38,6 @@ def make_adapter(base: Path, out: Path, **lora) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, real_tokenizer_dir) -> Path:
-    path = tmp_path_factory.mktemp("base")
-    return write_checkpoint(
-        path, n_layers=2, d_model=64, n_heads=4, tokenizer=real_tokenizer_dir, std=0.1
-    )
-
-
-@pytest.fixture(scope="module")
 def adapter(tmp_path_factory, base) -> Path:
     """An adapter folder as `replit-ft train` leaves it: peft's files and replit_ft.json."""
     adapter = make_adapter(base, tmp_path_factory.mktemp("run") / "adapter")

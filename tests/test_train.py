@@ -24,17 +24,8 @@ from finetune.recipe import RecipeError, load_recipe
 from finetune.run_folder import RunFolder, RunFolderError
 from finetune.train import adapter_digest, main, train
 from model import load_model
-from model.random_checkpoint import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, real_tokenizer_dir) -> Path:
-    path = tmp_path_factory.mktemp("base")
-    return write_checkpoint(
-        path, n_layers=2, d_model=64, n_heads=4, tokenizer=real_tokenizer_dir, std=0.1
-    )
 
 
 def write_recipe(tmp_path: Path, base: Path, **sections) -> Path:
