@@ -150,10 +150,15 @@ class RunFolder:
         return None
 
     def rotate(self, keep: int) -> None:
-        """Keep the newest `keep` complete checkpoints; older ones and incomplete ones go."""
-        complete = [c for c in self.checkpoints() if checkpoint_problem(c) is None]
+        """Keep the newest `keep` sealed checkpoints; older ones and unsealed ones go.
+
+        Called after each save, so it looks for the seal only: hashing every kept
+        checkpoint's files again at each save is the resume's job (`checkpoint_problem`).
+        """
+        checkpoints = self.checkpoints()
+        complete = [c for c in checkpoints if (c / SEAL).is_file()]
         newest = _step(complete[-1]) if complete else -1
-        for checkpoint in self.checkpoints():
+        for checkpoint in checkpoints:
             if (checkpoint in complete and checkpoint not in complete[-keep:]) or (
                 checkpoint not in complete and _step(checkpoint) < newest
             ):
