@@ -78,7 +78,7 @@ def prep(args: argparse.Namespace) -> None:
         config = build(PrepConfig, settings)
     except SettingError as err:
         key = err.key.split(".")[0]
-        where = "--" + key.replace("_", "-") if key in flags else f"data.{err.key}"
+        where = _flag(key) if key in flags else f"data.{err.key}"
         raise ValueError(f"{where}: {err.problem}") from None
     result = prepare(config, progress=not args.quiet)
     print(summary(result))
@@ -153,7 +153,7 @@ def generate(args: argparse.Namespace) -> None:
     try:  # before the model loads; generate() checks the same again
         check_options(**settings)
     except OptionError as err:
-        raise ValueError(f"--{err.option.replace('_', '-')} {err.problem}") from None
+        raise ValueError(f"{_flag(err.option)} {err.problem}") from None
     prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
     suffix = read_prompts(args.suffix_file, key="suffix") if args.suffix_file else args.suffix
     folder = args.adapter or args.model  # where train or merge recorded the FIM settings
@@ -169,6 +169,11 @@ def generate(args: argparse.Namespace) -> None:
 
     complete(model, tokenizer, prompts, suffix=suffix, fim=fim, **settings, on_text=show)
     print()
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a setting or option: `max_new_tokens` is `--max-new-tokens`."""
+    return "--" + name.replace("_", "-")
 
 
 def _unescape(stop: str) -> str:
@@ -233,7 +238,7 @@ def eval_infill(args: argparse.Namespace) -> None:
             workers=args.workers,
         )
     except OptionError as err:  # checked before the model loads
-        raise ValueError(f"--{err.option.replace('_', '-')} {err.problem}") from None
+        raise ValueError(f"{_flag(err.option)} {err.problem}") from None
     print(
         f"{results['problems']} problems, {results['tasks']} tasks: "
         f"pass@1 {results['pass@1']:.4f}  exact_match {results['exact_match']:.4f}"
