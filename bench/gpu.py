@@ -15,26 +15,29 @@ DIR/gpu.json as soon as it is taken, and tables printed as they come:
    weights (B = 0) on the same rows per shape, so losses are comparable across sections.
 3. `baseline`: transformers' MptForCausalLM + peft + bitsandbytes (eager: the only
    attention it has) on the same weights and rows at 1x2048 and 4x2048.
-4. `ladder`: the longest trainable row. One row of 16k, 32k, 64k, 128k, 256k, 384k tokens,
+4. `agreement`: a packed bf16 row of three documents through every backend, logits
+   against eager in fp32 (the full-size check of the block mask built from documents).
+5. `levers`, each against the `micro` run of the same shape: `sdpa` (what `auto` choosing
+   sdpa for short rows would give; 1x2048, 4x2048), `no_ckpt` (activation checkpointing
+   off: no recompute, every activation kept; each `micro` shape), `bf16_blocks` and
+   `bf16_residual` (activations in bf16 inside the blocks; and in the residual stream),
+   `keep_attn` (selective checkpointing keeping attention's output) and `compile`
+   (regional torch.compile of the blocks) at 4x2048 and 1x16384 (bench/levers.py). Per
+   shape, `best` names the fastest lever that agrees. A lever agrees when every step's
+   loss is within 1.5x eager's bf16 yardstick (+0.001) of the run without it; the
+   yardstick is how far eager attention in bf16 moves the loss from eager in fp32 on the
+   4x2048 rows. Two ceilings bound what two unbuilt levers could save: the chunked loss's
+   forward+backward (a fused loss kernel replaces it) and dequantizing every nf4 weight
+   once (a step does it three times: forward, recompute, backward).
+6. `ladder`: the longest trainable row. One row of 16k, 32k, 64k, 128k, 256k, 384k tokens,
    first without, then with activation offloading (`train.offload_activations`), each
    ladder stopping at its first out-of-memory; the offloading ladder runs 64k (its cost,
    and its losses against the run without it) and then the lengths the first ladder did
    not reach. A row whose step takes over 10 s gets that one step, compile included. Peak
    GPU memory is linear in the row's length now (no L x L tensor anywhere), so a line
    through each ladder's peaks also predicts the longest row the card's memory allows (a
-   prediction, labelled as such; with offloading the host's memory bounds it too).
-5. `levers`, each against the `micro` run of the same shape: `sdpa` (what `auto` choosing
-   sdpa for short rows would give; 1x2048, 4x2048), `keep_attn` (selective checkpointing
-   keeping attention's output) and `compile` (regional torch.compile of the blocks) at
-   4x2048 and 1x16384 (bench/levers.py). A lever agrees when every step's loss is within
-   1.5x eager's bf16 yardstick (+0.001) of the run without it; the yardstick is how far
-   eager attention in bf16 moves the loss from eager in fp32 on the 4x2048 rows. Two
-   ceilings bound what two unbuilt levers could save: the chunked loss's forward+backward
-   (a fused loss kernel replaces it) and dequantizing every nf4 weight once (a step does
-   it three times: forward, recompute, backward).
-6. `agreement`: a packed bf16 row of three documents through every backend, logits
-   against eager in fp32 (the full-size check of the block mask built from documents).
-(`backends`: bf16 full fine-tuning steps per backend; not in the default run.)
+   prediction, labelled as such; with offloading the host's memory bounds it too). It
+   comes last and takes whatever time is left.
 
 Time: `--budget-s` bounds the whole run (default 540 s). Before each measurement its
 seconds are predicted (a step-time model through the issue's H100 figures, scaled by
@@ -83,6 +86,7 @@ SHAPES = {
         "micro": [(1, 2048), (4, 2048), (1, 16 * K)],
         "baseline": [(1, 2048), (4, 2048)],
         "sdpa": [(1, 2048), (4, 2048)],
+        "no_ckpt": [(1, 2048), (4, 2048), (1, 16 * K)],
         "levers": [(4, 2048), (1, 16 * K)],
         "yardstick": (4, 2048),
         "ladder": [16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 384 * K],
@@ -92,14 +96,15 @@ SHAPES = {
         "micro": [(1, 256), (4, 256), (1, 1024)],
         "baseline": [(1, 256), (4, 256)],
         "sdpa": [(1, 256), (4, 256)],
+        "no_ckpt": [(1, 256), (4, 256), (1, 1024)],
         "levers": [(4, 256), (1, 1024)],
         "yardstick": (4, 256),
         "ladder": [1024, 2048, 4096],
         "offload_probe": 4096,
     },
 }
-# Each section's share of the time left when it starts (the ladder and agreement take all).
-SHARES = {"micro": 0.3, "baseline": 0.25, "ladder": 0.6}
+# Each section's share of the time left when it starts (the others may take all of it).
+SHARES = {"micro": 0.3, "baseline": 0.25, "levers": 0.45}
 # Shapes whose step takes longer than this get one timed step, not `--repeats`.
 LONG_STEP_S = 3.0
 # Ladder rows whose step takes longer than this get one step (which includes compiling).
@@ -398,7 +403,7 @@ class Run:
     ) -> dict[str, Any]:
         """QLoRA steps at one shape, unless they would not fit the time left.
 
-        `kind`: "ours" (also "keep_attn", "offload", "compile": the kit's model with a
+        `kind`: "ours" (or a lever's name, "offload" included: the kit's model with it
         lever; "sdpa": with sdpa attention), or "baseline". The kit's model starts from its
         initial LoRA weights each time.
         """
@@ -541,9 +546,11 @@ def levers(run: Run) -> dict[str, Any]:
         )
     run.record("levers", "ceilings", ceilings)
     print(f"  ceilings {ceilings}", flush=True)
-    plans = [("sdpa", shape) for shape in run.shapes["sdpa"]]
+    plans = [(lever, shape) for lever in ("sdpa", "no_ckpt") for shape in run.shapes[lever]]
     plans += [
-        (lever, shape) for lever in ("keep_attn", "compile") for shape in run.shapes["levers"]
+        (lever, shape)
+        for lever in ("bf16_blocks", "bf16_residual", "keep_attn", "compile")
+        for shape in run.shapes["levers"]
     ]
     table = []
     for lever, (rows, length) in plans:
@@ -561,6 +568,10 @@ def levers(run: Run) -> dict[str, Any]:
         if lever == "sdpa":
             base.attn_impl = "sdpa"
             context = contextlib.nullcontext()
+        elif lever == "no_ckpt":
+            context = lv.checkpointing_off(base)
+        elif lever.startswith("bf16_"):
+            context = lv.bf16_activations(base, residual=lever == "bf16_residual")
         elif lever == "keep_attn":
             context = lv.attention_output_kept(base)
         else:
@@ -591,7 +602,24 @@ def levers(run: Run) -> dict[str, Any]:
             ["lever", "tok/s before", "after", "speedup", "peak GB", "max dloss", "agrees"], table
         )
     )
+    best = run.record("levers", "best", best_levers(run.report["levers"]))
+    print(f"  fastest agreeing lever per shape: {best}", flush=True)
     return run.report["levers"]
+
+
+def best_levers(results: dict[str, Any]) -> dict[str, Any]:
+    """Per shape, the lever with the largest speedup among those faster at equal losses."""
+    best: dict[str, Any] = {}
+    for name, r in results.items():
+        if "@" not in name or name.startswith("before@") or not isinstance(r, dict):
+            continue
+        lever, shape = name.split("@")
+        if r.get("agrees") and r.get("speedup", 0) > 1:
+            if best.get(shape) is None or r["speedup"] > best[shape]["speedup"]:
+                best[shape] = {"lever": lever, "speedup": r["speedup"], "tok_s": r["tok_s"]}
+                best[shape]["mfu"] = r.get("mfu")
+        best.setdefault(shape, None)
+    return best
 
 
 def ladder(run: Run) -> dict[str, Any]:
@@ -732,43 +760,6 @@ def agreement(run: Run) -> dict[str, Any]:
     return rows
 
 
-def backends(run: Run) -> dict[str, Any]:
-    """bf16 forward+backward of the whole model, all weights trainable, per backend."""
-    from model import load_model
-
-    lengths = [2048, 8192] if not run.args.tiny else [256, 512]
-    model = load_model(
-        run.path,
-        compute_dtype="bf16",
-        attn_impl="eager",
-        device=run.device,
-        max_seq_len=max(lengths),
-    )
-    model.train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    for p in model.parameters():
-        p.requires_grad_(True)
-    results, rows = {}, []
-    for length in lengths:
-        ids = random_rows(run.dims, 1, length)
-        for impl in backends_available():
-            if impl == "flex" and not cuda():
-                continue  # FlexAttention has no CPU backward
-            if why := run.budget.refuse(run.clock.first((impl, "full", length), 1, length) * 3):
-                results[f"{impl}@{length}"] = {"skipped": why}
-                continue
-            model.attn_impl = impl
-            r = results[f"{impl}@{length}"] = timed_steps(
-                training_step(model, ids, None, None), model, run.args.warmup, run.args.repeats
-            )
-            if "error" not in r:
-                r["tok_s"] = length / r["step_s"]
-                r["mfu"] = mfu(run.dims, 1, length, True, r["step_s"], run.rate)
-            rows.append([impl, str(length), *figure_cells(r)])
-    print(format_table(["backend", "tokens", "tok/s", "step ms", "peak GB", "MFU"], rows))
-    return results
-
-
 SECTIONS: dict[str, Callable[[Run], Any]] = {
     "matmul": lambda run: matmul_tflops(),
     "micro": micro,
@@ -776,9 +767,8 @@ SECTIONS: dict[str, Callable[[Run], Any]] = {
     "levers": levers,
     "ladder": ladder,
     "agreement": agreement,
-    "backends": backends,
 }
-DEFAULT_SECTIONS = ["matmul", "micro", "baseline", "ladder", "levers", "agreement"]
+DEFAULT_SECTIONS = ["matmul", "micro", "baseline", "agreement", "levers", "ladder"]
 
 
 def summary(report: dict[str, Any]) -> None:

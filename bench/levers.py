@@ -12,6 +12,21 @@ the library, until a measurement shows one faster at equal losses.
   parts around attention, which runs outside both: backward then recomputes norm_1 and
   the qkv projection, but not attention, whose output and saved inputs (q, k, v, and
   the log-sum-exp) are kept: about 4 more L x d_model bf16 tensors per block.
+- `checkpointing_off`: no activation checkpointing at all. A step then does 4N FLOPs per
+  token instead of 6N (no recomputed forward) and keeps every block's activations, about
+  114 KB per token per block at full width (counted on CPU, leaving out sdpa's L x L
+  tensor, which flex does not save): ~3.6 MB per token over 32 blocks, so a 4 x 2048
+  micro-batch fits an 80 GB card easily and 1 x 16384 only just. The recipes can already turn it off
+  (`train.gradient_checkpointing: false`); measured here, it tells which rows should.
+- `bf16_blocks`: the norms hand the autocast dtype on. Under autocast a LayerNorm returns
+  fp32, and bitsandbytes casts each 4-bit matmul's output back to its input's dtype, so
+  today a block's projections, LoRA sums and GELU all run on fp32 tensors (the FFN's
+  L x 10240 ones included) although every matmul computes in bf16. Cast to bf16 after
+  the norm, they stay bf16; the residual stream stays fp32. Without checkpointing a block
+  then keeps 104 KB per token instead of 114.
+- `bf16_residual`: `bf16_blocks`, and the embedding's output in bf16 too, so the residual
+  stream (the block inputs that checkpointing keeps: 10 KB per token per block in fp32)
+  is bf16 as well: with checkpointing, half the memory a long row keeps, at some precision.
 
 Two more levers are measured by their ceiling rather than built (see bench/gpu.py):
 `loss_seconds` (a fused loss kernel could save at most this) and `dequant_seconds`
@@ -94,6 +109,43 @@ def attention_output_kept(base: torch.nn.Module) -> Iterator[None]:
         for block in blocks:
             del block.forward
             block.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
+def checkpointing_off(base: torch.nn.Module) -> Iterator[None]:
+    """Activation checkpointing off for the steps inside; needs it on before."""
+    blocks = list(base.transformer.blocks)
+    if not all(getattr(b, "gradient_checkpointing", False) for b in blocks):
+        raise ValueError("checkpointing_off compares against checkpointing: turn it on first")
+    for block in blocks:
+        block.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.gradient_checkpointing = True
+
+
+def _autocast_dtype_forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = type(self).forward(self, x)
+    kind = out.device.type
+    return out.to(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else out
+
+
+@contextlib.contextmanager
+def bf16_activations(base: torch.nn.Module, residual: bool) -> Iterator[None]:
+    """`bf16_blocks` (residual=False) or `bf16_residual` (see the module docstring)."""
+    blocks = base.transformer.blocks
+    modules = [b.norm_1 for b in blocks] + [b.norm_2 for b in blocks]
+    if residual:
+        modules.append(base.transformer.wte)
+    for module in modules:
+        module.forward = types.MethodType(_autocast_dtype_forward, module)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
 
 
 def _seconds(fn, repeats: int = 5) -> float:
