@@ -49,13 +49,13 @@ from bench.common import (  # noqa: E402
     rss_anon_bytes,
     run_worker,
 )
+from model.tokenizer import TIE, differing_segments, segmentation_score  # noqa: E402
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "replit-code-v1-3b"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 LOGITS_SOURCE = STDLIB / "argparse.py"
 TINY = {"n_layers": 4, "d_model": 256, "n_heads": 8}
 CHUNK_LINES = 30
-TIE = 0.01  # float32's resolution at SentencePiece's score reset threshold (1e5) is 2**-7
 
 
 def tiny_worker(root: str) -> None:
@@ -183,7 +183,7 @@ def tokens_worker(gguf_file: str, model: str) -> None:
         start = time.perf_counter()
         got = [encode(t) for t in texts]
         seconds = time.perf_counter() - start
-        differ = [segments_that_differ(a, b, sp) for a, b in zip(got, want_files, strict=True)]
+        differ = [differing_segments(a, b, sp) for a, b in zip(got, want_files, strict=True)]
         segments = [pair for pairs in differ for pair in pairs]
         chunk_ids = [encode(c) for c in chunks]
         short = [i for i, c in enumerate(chunks) if not long_run.search(c)]
@@ -193,7 +193,10 @@ def tokens_worker(gguf_file: str, model: str) -> None:
             "tokens": sum(len(b) for b in want_files),
             "tokens_in_differing_segments": sum(len(b) for _, b in segments),
             "differing_segments": len(segments),
-            "all_ties": all(abs(score(a, sp) - score(b, sp)) < TIE for a, b in segments),
+            "all_ties": all(
+                abs(segmentation_score(a, sp) - segmentation_score(b, sp)) < TIE
+                for a, b in segments
+            ),
             "chunks": len(chunks),
             "chunks_identical": sum(a == b for a, b in zip(chunk_ids, want_chunks, strict=True)),
             "chunks_without_33_spaces": len(short),
@@ -202,37 +205,6 @@ def tokens_worker(gguf_file: str, model: str) -> None:
         }
     llm.close()
     emit_result(results)
-
-
-def segments_that_differ(a: list[int], b: list[int], sp) -> list[tuple[list[int], list[int]]]:
-    """Both segmentations cut where both have a token boundary; the pieces that differ."""
-    from itertools import accumulate
-
-    def ends(ids: list[int]) -> list[int]:
-        return list(accumulate(1 if i == 0 else len(sp.id_to_piece(i)) for i in ids))
-
-    ends_a, ends_b = ends(a), ends(b)
-    common = set(ends_a) & set(ends_b)
-
-    def split(ids: list[int], ends_: list[int]) -> list[list[int]]:
-        groups, current = [], []
-        for i, end in zip(ids, ends_, strict=True):
-            current.append(i)
-            if end in common:
-                groups.append(current)
-                current = []
-        return groups + ([current] if current else [])
-
-    return [(x, y) for x, y in zip(split(a, ends_a), split(b, ends_b), strict=True) if x != y]
-
-
-def score(ids: list[int], sp) -> float:
-    """SentencePiece's Viterbi score of a segmentation (user-defined pieces: its bonus)."""
-    user_defined = range(3, 147)  # the real vocabulary's whitespace runs and <extra_id_N>
-    return sum(
-        0.1 * (len(sp.id_to_piece(i).encode()) - 1) if i in user_defined else sp.get_score(i)
-        for i in ids
-    )
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import struct
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,50 @@ TENTH = 3355443 / 2**25
 # User-defined pieces nmt_nfkc would turn into spaces; sentencepiece leaves them alone.
 PROTECTED = ["\t", "\n", "\r", "\x0b", "\x0c"]
 ESCAPE = "\ue000"  # private use, unchanged by nmt_nfkc
+
+
+# Two segmentations whose scores differ by less than this tie: float32's resolution at
+# sentencepiece's score reset threshold (1e5) is 2**-7.
+TIE = 0.01
+
+
+def segmentation_score(ids: list[int], sp: spm.SentencePieceProcessor) -> float:
+    """sentencepiece's Viterbi score of one segmentation; a user-defined piece (the only
+    pieces scored exactly 0 besides control and unknown ones) counts its length bonus."""
+
+    def piece_score(i: int) -> float:
+        score = sp.get_score(i)
+        if score == 0 and not (sp.IsControl(i) or sp.IsUnknown(i)):
+            return TENTH * (len(sp.id_to_piece(i).encode()) - 1)
+        return score
+
+    return sum(map(piece_score, ids))
+
+
+def differing_segments(
+    a: list[int], b: list[int], sp: spm.SentencePieceProcessor
+) -> list[tuple[list[int], list[int]]]:
+    """Two segmentations of one text cut wherever both have a token boundary: the pieces
+    that differ (lengths in normalized characters; an unknown run counts 1)."""
+
+    def ends(ids: list[int]) -> list[int]:
+        return list(accumulate(1 if i == 0 else len(sp.id_to_piece(i)) for i in ids))
+
+    ends_a, ends_b = ends(a), ends(b)
+    if ends_a[-1:] != ends_b[-1:]:
+        raise ValueError("the two segmentations do not cover the same text")
+    common = set(ends_a) & set(ends_b)
+
+    def split(ids: list[int], ends_: list[int]) -> list[list[int]]:
+        groups, current = [], []
+        for i, end in zip(ids, ends_, strict=True):
+            current.append(i)
+            if end in common:
+                groups.append(current)
+                current = []
+        return groups
+
+    return [(x, y) for x, y in zip(split(a, ends_a), split(b, ends_b), strict=True) if x != y]
 
 
 def rust_backend(model_proto: bytes) -> Tokenizer:

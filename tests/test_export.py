@@ -9,7 +9,6 @@ import json
 import shutil
 import struct
 import sysconfig
-from itertools import accumulate
 from pathlib import Path
 
 import gguf
@@ -31,6 +30,7 @@ from finetune.run_folder import write_record
 from model import load_model
 from model.checkpoint import expected_shapes, read_config
 from model.random_checkpoint import write_checkpoint
+from model.tokenizer import TIE, differing_segments, segmentation_score
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_CODE = sorted(p for d in ("model", "finetune", "data_prep") for p in (ROOT / d).glob("*.py"))
@@ -51,7 +51,6 @@ TRICKY = [
 TIES = ["\n\n\n" + "\t" * 9 + "y", " " * 33 + "z", "x" + " " * 70 + "=" * 40]
 # SentencePiece keeps Viterbi sums in float32 and resets them past 1e5, where float32's
 # resolution is 2**-7: segmentations scoring closer than this are ties it may settle either way.
-TIE = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -385,42 +384,11 @@ def test_merged_folder_config_for_serving(merged):
     assert "auto_map" not in tokenizer_config
 
 
-def segments_that_differ(a: list[int], b: list[int], sp) -> list[tuple[list[int], list[int]]]:
-    """Split two segmentations of the same text where both have a token boundary and return
-    the pieces that differ (lengths in normalized characters; an unknown run counts 1)."""
-
-    def ends(ids: list[int]) -> list[int]:
-        return list(accumulate(1 if i == 0 else len(sp.id_to_piece(i)) for i in ids))
-
-    ends_a, ends_b = ends(a), ends(b)
-    assert ends_a[-1:] == ends_b[-1:], "the two do not cover the same text"
-    common = set(ends_a) & set(ends_b)
-
-    def split(ids: list[int], ends_: list[int]) -> list[list[int]]:
-        groups, current = [], []
-        for i, end in zip(ids, ends_, strict=True):
-            current.append(i)
-            if end in common:
-                groups.append(current)
-                current = []
-        return groups
-
-    return [(x, y) for x, y in zip(split(a, ends_a), split(b, ends_b), strict=True) if x != y]
-
-
-def viterbi_score(ids: list[int], sp) -> float:
-    """SentencePiece's score of a segmentation (user-defined pieces: its length bonus)."""
-    return sum(
-        0.1 * (len(sp.id_to_piece(i).encode()) - 1) if 3 <= i < 147 else sp.get_score(i)
-        for i in ids
-    )
-
-
 def assert_same_up_to_ties(ours: list[int], want: list[int], sp) -> int:
     """Equal ids, or where they differ, segmentations of equal score: return the count."""
-    differ = segments_that_differ(ours, want, sp)
+    differ = differing_segments(ours, want, sp)
     for x, y in differ:
-        assert abs(viterbi_score(x, sp) - viterbi_score(y, sp)) < TIE, (
+        assert abs(segmentation_score(x, sp) - segmentation_score(y, sp)) < TIE, (
             [sp.id_to_piece(i) for i in x],
             [sp.id_to_piece(i) for i in y],
         )
