@@ -90,25 +90,51 @@ def temporary_path(target: Path, kind: str) -> Path:
     return target.with_name(f".{target.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
 
 
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing what was there only once `tmp` is whole.
+
+    `out`'s previous content waits at `.OUT.old-HOST-PID` between the two renames; a
+    process killed there leaves `out` missing, and `remove_stale_temporaries(out, ("old",))`
+    puts the previous content back.
+    """
+    old = temporary_path(out, "old") if out.exists() or out.is_symlink() else None
+    if old is not None:
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    fsync(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale_temporaries(target: Path, kinds: tuple[str, ...]) -> list[Path]:
     """Remove the temporaries of `kinds` beside `target` left by processes that were killed.
 
     Only this host's (a shared file system may hold another host's, alive) and only of
     processes that no longer run; `.NAME.KIND-PID`, without a host, counts as this host's.
-    Returns what was removed.
+    An "old" one (`replace_folder`'s) while `target` is missing is `target`'s previous
+    content, interrupted on its way out: it goes back to `target` instead. Returns what was
+    removed.
     """
     host, prefix, removed = socket.gethostname(), f".{target.name}.", []
-    for entry in target.parent.iterdir() if target.parent.is_dir() else ():
+    for entry in sorted(target.parent.iterdir()) if target.parent.is_dir() else ():
         kind, dash, owner = entry.name.removeprefix(prefix).partition("-")
         owner_host, _, pid = owner.rpartition("-")
         if not entry.name.startswith(prefix) or kind not in kinds or not dash:
             continue
         if owner_host in ("", host) and pid.isdigit() and not _alive(int(pid)):
-            if entry.is_dir() and not entry.is_symlink():
+            if kind == "old" and not (target.exists() or target.is_symlink()):
+                entry.rename(target)
+            elif entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
             else:
                 entry.unlink(missing_ok=True)
-            removed.append(entry)
+                removed.append(entry)
     return removed
 
 

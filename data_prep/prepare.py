@@ -42,10 +42,10 @@ from datasets import (
 from data_prep.code import collect_code
 from data_prep.document import Document, Skipped
 from data_prep.files import (
-    fsync,
     fsync_tree,
     is_disk_full,
     remove_stale_temporaries,
+    replace_folder,
     temporary_path,
 )
 from data_prep.fim import MIN_SEQ_LEN as FIM_MIN_SEQ_LEN
@@ -432,18 +432,11 @@ def _write(out: Path, data: DatasetDict, manifest: dict[str, Any], progress: boo
                 f"(nothing was changed; free space there or set another data.out / --out)",
             ) from err
         raise
-    old = temporary_path(out, "old")
-    if out.exists():
-        out.rename(old)
     try:
-        tmp.rename(out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists():
-            old.rename(out)
         raise
-    fsync(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _nothing_left(sources: list[dict[str, Any]], skipped: Skipped) -> str:

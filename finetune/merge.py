@@ -42,6 +42,7 @@ from data_prep.files import (
     is_disk_full,
     readable_by_others,
     remove_stale_temporaries,
+    replace_folder,
     temporary_path,
 )
 from finetune.adapter import ADAPTER_WEIGHTS, Adapter, AdapterError, check_adapter
@@ -72,17 +73,16 @@ def merge(
     started = time.perf_counter()
     out = Path(out)
     info = check_adapter(adapter, base)
+    say = _progress(progress)
+    for stale in remove_stale_temporaries(out, ("partial", "old")):
+        say(f"removed {stale}, left by a merge that was killed")
     _check_out(out, overwrite, [info.path, info.base_path])
     out_dtype = parse_dtype(dtype)
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"dtype {dtype!r}: a merge writes bf16, fp16 or fp32 (--dtype)")
     shard_bytes = _size_bytes(max_shard_size)
     tokenizer = load_tokenizer(info.base_path)  # before the long load: a base without one fails now
-    say = _progress(progress)
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in remove_stale_temporaries(out, ("partial",)):
-        say(f"removed {stale}, left by a merge that was killed")
     tmp = temporary_path(out, "partial")
     tmp.mkdir()
     try:
@@ -99,7 +99,7 @@ def merge(
         write_record(tmp, merged_record(info, out_dtype))
         (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
         _seal(tmp)
-        _publish(tmp, out)
+        replace_folder(tmp, out)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(err):
@@ -246,21 +246,6 @@ def _model_size(info: Adapter, dtype: torch.dtype) -> str:
     """Size of the base's weights in `dtype`, what the merged safetensors take on disk."""
     size = sum(math.prod(s) for s in expected_shapes(info.base_config).values()) * dtype.itemsize
     return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{max(size / 1e6, 1):.0f} MB"
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished folder in; an existing `out` is replaced only once `tmp` is complete."""
-    old = temporary_path(out, "old") if out.exists() else None
-    if old is not None:
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def merged_record(info: Adapter, dtype: torch.dtype) -> dict[str, Any]:

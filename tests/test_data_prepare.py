@@ -186,7 +186,7 @@ def test_stale_temporary_folders_of_dead_processes_are_removed(
     finished.wait()
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        stale = [f".out.tmp-{finished.pid}", f".out.old-{finished.pid}"]
+        stale = [f".out.tmp-{finished.pid}"]  # (an .old-PID one: tests/test_files.py)
         kept = [f".out.tmp-{running.pid}", f".other.tmp-{finished.pid}", ".out.tmp-x"]
         for name in stale + kept:
             (tmp_path / name / "train").mkdir(parents=True)
