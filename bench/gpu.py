@@ -257,12 +257,12 @@ def random_rows(dims: dict[str, int], rows: int, length: int) -> torch.Tensor:
     return ids.to("cuda" if cuda() else "cpu")
 
 
-def training_step(model, ids, optimizer, autocast: str | None) -> Callable[[], float]:
-    """One forward+backward on `ids` and an optimizer step (under bf16 autocast on device
-    `autocast` when given, as the Trainer runs); returns the loss."""
+def training_step(model, ids, optimizer, device: str) -> Callable[[], float]:
+    """One forward+backward on `ids` under bf16 autocast (as the Trainer runs; on CPU too,
+    so that --tiny takes the same dtype paths) and an optimizer step; returns the loss."""
 
     def step() -> float:
-        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         if optimizer is not None:
@@ -339,6 +339,8 @@ class Run:
         self.args, self.path, self.dims = args, path, dims
         self.shapes = SHAPES["tiny" if args.tiny else "full"]
         self.shapes["ladder"] = args.ladder or self.shapes["ladder"]
+        probe = min(self.shapes["offload_probe"], max(self.shapes["ladder"]))
+        self.shapes["offload_probe"] = probe
         self.device = "cuda" if cuda() else "cpu"
         self.budget = budget
         self.clock = Clock()
@@ -426,7 +428,7 @@ class Run:
                         p.copy_(self._init[n])
         optimizer = self.optimizer(model)
         ids = random_rows(self.dims, rows, length)
-        step = training_step(model, ids, optimizer, self.device if cuda() else None)
+        step = training_step(model, ids, optimizer, self.device)
         r = timed_steps(step, model, warmup, repeats)
         del optimizer
         gc.collect()
@@ -498,7 +500,7 @@ def yardstick(run: Run, model) -> dict[str, float]:
             if n in run._init:
                 p.copy_(run._init[n])
         try:
-            with torch.autocast(run.device, dtype=torch.bfloat16, enabled=cuda()):
+            with torch.autocast(run.device, dtype=torch.bfloat16):
                 bf16 = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
             for m in layers:
                 m.compute_dtype = torch.float32
@@ -542,7 +544,7 @@ def levers(run: Run) -> dict[str, Any]:
     ceilings = {"dequant_s_per_pass": lv.dequant_seconds(base)}
     for rows, length in run.shapes["levers"]:
         ceilings[f"loss_s@{shape_name(rows, length)}"] = lv.loss_seconds(
-            base, rows, length, run.device if cuda() else None
+            base, rows, length, run.device
         )
     run.record("levers", "ceilings", ceilings)
     print(f"  ceilings {ceilings}", flush=True)

@@ -166,7 +166,7 @@ def _seconds(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def loss_seconds(base: torch.nn.Module, rows: int, length: int, autocast: str | None) -> float:
+def loss_seconds(base: torch.nn.Module, rows: int, length: int, device_type: str) -> float:
     """Forward + backward of the kit's chunked loss alone on a step's hidden states."""
     weight = base.transformer.wte.weight
     device = weight.device
@@ -174,7 +174,7 @@ def loss_seconds(base: torch.nn.Module, rows: int, length: int, autocast: str | 
     labels = torch.randint(3, weight.shape[0], (rows, length), device=device)
 
     def run() -> None:
-        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = modeling.lm_loss(hidden, weight, labels)
         loss.backward()
         hidden.grad = None
