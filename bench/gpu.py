@@ -21,14 +21,17 @@ DIR/gpu.json as soon as it is taken, and tables printed as they come:
    sdpa for short rows would give; 1x2048, 4x2048), `no_ckpt` (activation checkpointing
    off: no recompute, every activation kept; each `micro` shape), `bf16_blocks` and
    `bf16_residual` (activations in bf16 inside the blocks; and in the residual stream),
-   `keep_attn` (selective checkpointing keeping attention's output) and `compile`
+   `fused_lora` and `fused_lora_w` (each LoRA projection as one autograd node; and keeping
+   its dequantized weight for backward), `keep_attn` (selective checkpointing keeping
+   attention's output) and `compile`
    (regional torch.compile of the blocks) at 4x2048 and 1x16384 (bench/levers.py). Per
    shape, `best` names the fastest lever that agrees. A lever agrees when every step's
    loss is within 1.5x eager's bf16 yardstick (+0.001) of the run without it; the
    yardstick is how far eager attention in bf16 moves the loss from eager in fp32 on the
-   4x2048 rows. Two ceilings bound what two unbuilt levers could save: the chunked loss's
-   forward+backward (a fused loss kernel replaces it) and dequantizing every nf4 weight
-   once (a step does it three times: forward, recompute, backward).
+   4x2048 rows. Two ceilings bound what two levers could save: the chunked loss's
+   forward+backward (a fused loss kernel, unbuilt, would replace it) and dequantizing
+   every nf4 weight once (a step does it three times: forward, recompute, backward;
+   `fused_lora_w` saves one).
 6. `ladder`: the longest trainable row. One row of 16k, 32k, 64k, 128k, 256k, 384k tokens,
    first without, then with activation offloading (`train.offload_activations`), each
    ladder stopping at its first out-of-memory; the offloading ladder runs 64k (its cost,
@@ -551,7 +554,14 @@ def levers(run: Run) -> dict[str, Any]:
     plans = [(lever, shape) for lever in ("sdpa", "no_ckpt") for shape in run.shapes[lever]]
     plans += [
         (lever, shape)
-        for lever in ("bf16_blocks", "bf16_residual", "keep_attn", "compile")
+        for lever in (
+            "bf16_blocks",
+            "bf16_residual",
+            "fused_lora",
+            "fused_lora_w",
+            "keep_attn",
+            "compile",
+        )
         for shape in run.shapes["levers"]
     ]
     table = []
@@ -574,6 +584,8 @@ def levers(run: Run) -> dict[str, Any]:
             context = lv.checkpointing_off(base)
         elif lever.startswith("bf16_"):
             context = lv.bf16_activations(base, residual=lever == "bf16_residual")
+        elif lever.startswith("fused_lora"):
+            context = lv.fused_lora(base, keep_weight=lever == "fused_lora_w")
         elif lever == "keep_attn":
             context = lv.attention_output_kept(base)
         else:

@@ -28,15 +28,26 @@ the library, until a measurement shows one faster at equal losses.
   stream (the block inputs that checkpointing keeps: 10 KB per token per block in fp32)
   is bf16 as well: with checkpointing, half the memory a long row keeps, at some precision.
 
+- `fused_lora`: each LoRA layer on a 4-bit base (peft's `Linear4bit`) as one autograd
+  node. peft + bitsandbytes run a LoRA projection as some ten kernels, most of them full
+  passes over an L x width tensor: the input cast to bf16 and the output back to fp32, a
+  defensive clone, dropout, the scaling, the sum. Here: the input cast once, the base
+  matmul, the LoRA product added into its output by the same GEMM (`addmm_`), and a
+  backward that does the same in reverse; dropout draws the mask peft would draw.
+- `fused_lora_w`: `fused_lora` keeping the dequantized weight for backward, so that with
+  checkpointing each nf4 weight is dequantized twice per step instead of three times (for
+  one block's bf16 weights held while that block's backward runs; without checkpointing,
+  every block's).
+
 Two more levers are measured by their ceiling rather than built (see bench/gpu.py):
 `loss_seconds` (a fused loss kernel could save at most this) and `dequant_seconds`
-(dequantizing once per layer per pass instead of three times could save at most two
-thirds of this per pass).
+(dequantizing every weight once: `fused_lora_w` saves one of a step's three).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import types
 from collections.abc import Iterator
@@ -146,6 +157,98 @@ def bf16_activations(base: torch.nn.Module, residual: bool) -> Iterator[None]:
     finally:
         for module in modules:
             del module.forward
+
+
+class _LoraLinear4bit(torch.autograd.Function):
+    """`base(x) + scaling * dropout(x) @ A.T @ B.T` for a bitsandbytes 4-bit `base`.
+
+    Computed in the base's compute dtype (bf16), returned in x's dtype, as bitsandbytes
+    does. Saves the dropped-out input, its LoRA down-projection and the dropout mask; the
+    dequantized weight too with `keep_weight`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, keep_weight: bool):
+        import bitsandbytes.functional as bnbf
+
+        dtype = base.compute_dtype
+        weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        flat = x.reshape(-1, x.shape[-1])
+        mask = None
+        if p > 0:  # native_dropout is F.dropout's own kernel: the mask peft would draw
+            dropped, mask = torch.native_dropout(flat, p, True)
+            dropped = dropped.to(dtype)
+        else:
+            dropped = flat.to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        down = dropped @ a.t()
+        out = (dropped if mask is None else flat.to(dtype)) @ weight.t()
+        out.addmm_(down, b.t(), alpha=scaling)
+        ctx.save_for_backward(dropped, down, mask, a, b, weight if keep_weight else None)
+        ctx.base, ctx.scaling, ctx.p = base, scaling, p
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.param_dtypes = lora_a.dtype, lora_b.dtype
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as bnbf
+
+        dropped, down, mask, a, b, weight = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(a.dtype)
+        grad_b = (g.t() @ down).mul_(ctx.scaling)
+        g_down = (g @ b).mul_(ctx.scaling)
+        grad_a = g_down.t() @ dropped
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if weight is None:
+                base = ctx.base
+                weight = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+            grad_x = g @ weight.to(a.dtype)
+            if mask is None:
+                grad_x.addmm_(g_down, a)
+            else:
+                grad_x.add_((g_down @ a).mul_(mask).mul_(1 / (1 - ctx.p)))
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        dtype_a, dtype_b = ctx.param_dtypes
+        return grad_x, grad_a.to(dtype_a), grad_b.to(dtype_b), None, None, None, None
+
+
+def _fused_lora_forward(layer, keep_weight: bool, x: torch.Tensor, *args, **kwargs):
+    """peft's `Linear4bit.forward` through `_LoraLinear4bit` where it computes the same."""
+    names = layer.active_adapters
+    plain = (
+        len(names) == 1
+        and names[0] in layer.lora_A
+        and names[0] not in layer.lora_variant
+        and not (layer.disable_adapters or layer.merged or args or kwargs)
+        and torch.is_autocast_enabled(x.device.type)  # else peft computes LoRA in fp32
+    )
+    if not plain:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    name = names[0]
+    dropout = layer.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    scaling = layer.scaling[name]
+    return _LoraLinear4bit.apply(x, a, b, layer.base_layer, scaling, p, keep_weight)
+
+
+@contextlib.contextmanager
+def fused_lora(base: torch.nn.Module, keep_weight: bool) -> Iterator[None]:
+    """`fused_lora` (or, keeping the weight, `fused_lora_w`): see the module docstring."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    layers = [m for m in base.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        raise ValueError("fused_lora: no LoRA layer on a 4-bit base in this model")
+    for layer in layers:
+        layer.forward = functools.partial(_fused_lora_forward, layer, keep_weight)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def _seconds(fn, repeats: int = 5) -> float:

@@ -31,7 +31,16 @@ def test_every_section_runs_and_writes_its_figures(tmp_path):
     levers = report["levers"]
     measured = {k for k in levers if "@" in k and not k.startswith("before@")}
     names = {k.split("@")[0] for k in measured}
-    assert names == {"sdpa", "no_ckpt", "bf16_blocks", "bf16_residual", "keep_attn", "compile"}
+    assert names == {
+        "sdpa",
+        "no_ckpt",
+        "bf16_blocks",
+        "bf16_residual",
+        "fused_lora",
+        "fused_lora_w",
+        "keep_attn",
+        "compile",
+    }
     assert all("agrees" in levers[k] for k in measured), levers
     # These change no arithmetic on CPU, only what is kept or how it runs: equal losses.
     same = [k for k in measured if k.split("@")[0] in ("no_ckpt", "keep_attn")]
