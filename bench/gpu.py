@@ -7,12 +7,13 @@ DIR/gpu.json as soon as it is taken, and tables printed as they come:
 
 1. `matmul`: the card's bf16 rate on an 8192^3 product (median of 10), MFU's denominator.
 2. `micro`: the kit's QLoRA step as the recipes build it (`finetune.lora.build_model`: nf4
-   + double quant, bf16 compute, LoRA r16 on Wqkv/up_proj/down_proj, checkpointing,
-   `auto` attention = flex without flash-attn), under bf16 autocast as the Trainer runs
-   it, paged 8-bit AdamW, on random rows of 1x2048, 4x2048 and 1x16384 tokens: tok/s,
+   + double quant, bf16 compute, LoRA r16 with dropout 0.05 on Wqkv/up_proj/down_proj,
+   checkpointing, `auto` attention = flex without flash-attn), under bf16 autocast as the
+   Trainer runs it, paged 8-bit AdamW, on random rows of 1x2048, 4x2048 and 1x16384 tokens: tok/s,
    step time, peak memory, MFU. One untimed step (compiling), then the median of 3 timed
    ones (1 where a step takes over 3 s). Every run in this file starts from the same LoRA
-   weights (B = 0) on the same rows per shape, so losses are comparable across sections.
+   weights (B = 0) on the same rows per shape, with the same dropout draws, so losses are
+   comparable across sections.
 3. `baseline`: transformers' MptForCausalLM + peft + bitsandbytes (eager: the only
    attention it has) on the same weights and rows at 1x2048 and 4x2048.
 4. `agreement`: a packed bf16 row of three documents through every backend, logits
@@ -84,6 +85,9 @@ from bench.common import FULL, format_table  # noqa: E402
 TINY = {"n_layers": 2, "d_model": 256, "n_heads": 4, "vocab": 4096}
 DOCS = (700, 900, 448)  # the packed row of `agreement`
 K = 1024
+# LoRA dropout as the recipes have it (LoraSection's default); every run reseeds before its
+# steps, so runs of the same shape draw the same masks step by step.
+DROPOUT = 0.05
 SHAPES = {
     "full": {
         "micro": [(1, 2048), (4, 2048), (1, 16 * K)],
@@ -379,7 +383,9 @@ class Run:
             from bench.train import build_qlora
 
             t = time.perf_counter()
-            model = build_qlora("ours", str(self.path), self.longest(), "bf16", self.device)
+            model = build_qlora(
+                "ours", str(self.path), self.longest(), "bf16", self.device, DROPOUT
+            )
             self.report["ours_load_s"] = time.perf_counter() - t
             model.train()
             self._init = {
@@ -431,6 +437,7 @@ class Run:
                         p.copy_(self._init[n])
         optimizer = self.optimizer(model)
         ids = random_rows(self.dims, rows, length)
+        torch.manual_seed(0)
         step = training_step(model, ids, optimizer, self.device)
         r = timed_steps(step, model, warmup, repeats)
         del optimizer
@@ -469,7 +476,7 @@ def baseline(run: Run) -> dict[str, Any]:
 
     longest = max(length for _, length in run.shapes["baseline"])
     t = time.perf_counter()
-    model = build_qlora("baseline", str(run.path), longest, "bf16", run.device)
+    model = build_qlora("baseline", str(run.path), longest, "bf16", run.device, DROPOUT)
     run.record("baseline", "load_s", time.perf_counter() - t)
     model.train()
     table = []

@@ -111,8 +111,16 @@ TOKENS_TARGET, MEMORY_TARGET, TARGET_LENGTH = 1.5, 0.5, 2048
 # ----------------------------------------------------------------------------- worker
 
 
-def build_qlora(kind: str, path: str, length: int, dtype: str, device: str = "cpu") -> Any:
-    """The PeftModel each side trains, built as described in the module docstring."""
+def build_qlora(
+    kind: str,
+    path: str,
+    length: int,
+    dtype: str,
+    device: str = "cpu",
+    dropout: float = LORA_DROPOUT,
+) -> Any:
+    """The PeftModel each side trains, built as described in the module docstring (with LoRA
+    dropout `dropout`)."""
     import torch
 
     torch.manual_seed(0)  # LoRA A matrices: the same draws on both sides
@@ -126,9 +134,7 @@ def build_qlora(kind: str, path: str, length: int, dtype: str, device: str = "cp
             compute_dtype="bf16" if dtype == "bf16" else None,
             attn_impl="auto",
         )
-        lora = LoraSection(
-            r=LORA_R, alpha=LORA_ALPHA, dropout=LORA_DROPOUT, targets=list(LORA_TARGETS)
-        )
+        lora = LoraSection(r=LORA_R, alpha=LORA_ALPHA, dropout=dropout, targets=list(LORA_TARGETS))
         return build_model(
             section,
             lora,
@@ -169,7 +175,7 @@ def build_qlora(kind: str, path: str, length: int, dtype: str, device: str = "cp
     lora = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
-        lora_dropout=LORA_DROPOUT,
+        lora_dropout=dropout,
         target_modules=list(LORA_TARGETS),
         bias="none",
         task_type="CAUSAL_LM",
