@@ -341,6 +341,7 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, r
     assert summary["humaneval_pass@1"] == 0.0 and summary["humaneval_problems"] == 1
     results = json.loads((run / "humaneval" / "results.json").read_text())
     assert results["problems"] == 1 and results["settings"]["temperature"] == 0.0
+    assert results["settings"]["adapter_sha256"] == summary["adapter_sha256_per_rank"][0]
     logged = []
     for events in run.rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
