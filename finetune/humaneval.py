@@ -231,7 +231,7 @@ def generate_longest_first(
 
 
 def batch_seed(seed: int, batch: int) -> int:
-    """The seed batch number `batch` of a run seeded with `seed` generates with, in [0, 2**32)."""
+    """The seed that batch number `batch` of a run seeded with `seed` is generated with."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{batch}".encode()).digest()[:4], "little")
 
 
