@@ -12,18 +12,19 @@ benchmark's problems in their order). JOB is a digest of everything that makes c
 comparable: the settings as results.json records them (model or adapter, quantization,
 compute dtype, attention backend, decoding, limit, benchmark), the prompt list itself (and the
 suffixes, for infilling) and, for each model or adapter folder named, the names, sizes and
-modification times of the files in it (a retrained adapter at the same path is another
-model; a model named by hub id has no folder to look at, and training's own eval puts the
-adapter's sha256 in its settings instead). Every completion line carries JOB, so a line is
+modification times of its weight and config files (a retrained adapter at the same path is
+another model; a model named by hub id has no folder to look at, and training's own eval puts
+the adapter's sha256 in its settings instead). Every completion line carries JOB, so a line is
 never taken for another job's.
 
 Batches are the unit. The caller cuts the prompts into batches that the settings fix (longest
 first, `batch_size` each); a batch counts as done when all its completions are in the journal,
 and each batch's lines go in one append, flushed and fsynced before the next batch starts. A
-kill can leave only a cut last line (a prefix of one append): it is ignored, and cut off
-before anything is appended; its batch is generated again, whole (its lines already written
-included), so that every batch is generated as an uninterrupted run generates it. Any other
-line that is not this job's is an error naming the file and line.
+crash during an append leaves a prefix of it: maybe some of the batch's lines, and a cut last
+line. The cut line is ignored, and cut off before anything is appended; the batch, not all on
+disk, is generated again whole, so that every batch is generated as an uninterrupted run
+generates it (its later lines count). Any other line that is not this job's is an error
+naming the file and line.
 
 A journal of other settings is refused, naming what differs and how to start over (delete
 it, or choose another --out): it holds completions that took long to make, and a rerun with a
@@ -57,6 +58,7 @@ from typing import Any
 from data_prep.files import append_durably, fsync, locked, write_atomic
 
 JOURNAL = "journal.jsonl"
+CONFIGS = ("config.json", "adapter_config.json")  # with the weights, what makes a model
 
 
 @contextmanager
@@ -215,13 +217,14 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _folder_digest(folder: Path) -> str | None:
-    """A digest of the names, sizes and modification times of the files directly in `folder`
-    (None for what is no folder: a hub id). Cheap: no file is read."""
+    """A digest of the names, sizes and modification times of the weight and config files
+    directly in `folder` (None for what is no folder: a hub id). Cheap: no file is read, and
+    what an eval writes there (an --out inside the model's folder) does not count."""
     if not folder.is_dir():
         return None
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if path.is_file():
+        if path.is_file() and (path.name in CONFIGS or path.suffix in (".safetensors", ".bin")):
             stat = path.stat()
             digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
