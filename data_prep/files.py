@@ -4,16 +4,21 @@ One place for the three habits every writer needs: write under a temporary name 
 rename (a crash or kill leaves the old file or none, never half of one), flush to disk
 before the rename is trusted (fsync of the file, then of its folder), and give files the
 mode a plain `open()` would (0644 under umask 022: `mkstemp` and safetensors write 0600).
-And one test of a failed write for lack of space, which libraries report in several ways.
+Also: appending to a file durably (a log that grows), one lock per output so that two
+processes never write it at once, and one test of a failed write for lack of space, which
+libraries report in several ways.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -34,6 +39,50 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync(path.parent)  # the rename itself
+
+
+def append_durably(path: str | os.PathLike, data: str) -> None:
+    """Append `data` to `path` (created if missing, mode 0666 & ~umask) and flush it to disk.
+
+    What a crash or kill can leave is the earlier content plus a prefix of `data`: readers of
+    such a log must expect a cut last line.
+    """
+    path = Path(path)
+    created = not path.exists()
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    if created:
+        fsync(path.parent)  # the new file's name
+
+
+@contextmanager
+def locked(target: Path, on_busy: Callable[[Path], None]) -> Iterator[None]:
+    """Hold an exclusive lock on `target` (the file `.NAME.lock` beside it) while inside.
+
+    flock, not a lock folder: the kernel releases it when its holder dies, even by SIGKILL.
+    When another process (or another open of the file) holds it, `on_busy(lock file)` is
+    called first: it raises to refuse, or returns to wait for the lock. Where the lock file
+    cannot be created (a folder this process may not write to) there is nothing to lock: a
+    process that cannot write there can only read.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.with_name(f".{target.name}.lock")
+    try:
+        file = open(lock, "a")
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EROFS):
+            raise
+        yield
+        return
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_busy(lock)
+            fcntl.flock(file, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def fsync(path: str | os.PathLike) -> None:

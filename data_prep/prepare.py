@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import random
@@ -44,6 +43,7 @@ from data_prep.document import Document, Skipped
 from data_prep.files import (
     fsync_tree,
     is_disk_full,
+    locked,
     remove_stale_temporaries,
     replace_folder,
     temporary_path,
@@ -162,7 +162,11 @@ def prepare(config: PrepConfig, *, progress: bool = True, expect: str | None = N
             f"{fingerprint[:12]} now: a file, a data setting or the tokenizer differs); a resumed "
             "run must read the same data. Restore it, or start a new run."
         )
-    with _locked(out):
+
+    def wait(lock: Path) -> None:
+        print(f"waiting for another process preparing {out} (lock {lock})", file=sys.stderr)
+
+    with locked(out, on_busy=wait):
         remove_stale_temporaries(out, ("tmp", "old"))
         old = _read_manifest(out)
         if old is not None and old.get("fingerprint") == fingerprint:
@@ -373,30 +377,6 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
     if not all((out / split).is_dir() for split in SPLITS):
         return None
     return manifest
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `out` (a `.OUT.lock` file beside it) while inside.
-
-    flock, not a lock folder: the kernel releases it when its holder dies, even by SIGKILL.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.with_name(f".{out.name}.lock")
-    try:
-        file = open(lock, "a")
-    except OSError as err:
-        if err.errno not in (errno.EACCES, errno.EROFS):
-            raise
-        yield  # a folder this process cannot write to, it can only reuse: no race to guard
-        return
-    with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process preparing {out} (lock {lock})", file=sys.stderr)
-            fcntl.flock(file, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
 
 
 @contextmanager

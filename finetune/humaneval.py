@@ -15,6 +15,7 @@ STOP, and by default greedy decoding of one sample per problem.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.files import write_atomic
+from finetune.journal import Journal, exclusive
 from finetune.sandbox import Sandbox
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # a completion ends at the function's end
@@ -144,18 +146,18 @@ def generate_samples(
     decoding: Decoding,
     *,
     progress: bool = True,
+    journal: Journal | None = None,
 ) -> list[dict[str, str]]:
     """`samples_per_task` completions of each problem's prompt, with the kit's `generate`.
 
     Prompts go longest first in batches of `batch_size` (left-padded, KV cache), and each
     completion is cut at the first stop sequence of STOP, as `generate` does for --stop.
-    The seed is set once, so repeated prompts in different batches draw different samples.
+    Each batch draws with a seed of its own from `decoding.seed`, so repeated prompts in
+    different batches draw different samples. With a `journal`, completions already in it
+    are not generated again, and each batch goes to it as soon as it is done.
     """
-    from transformers import set_seed
-
     prompts = [p["prompt"] for p in problems for _ in range(decoding.samples_per_task)]
     tasks = [p["task_id"] for p in problems for _ in range(decoding.samples_per_task)]
-    set_seed(decoding.seed)
     completions = generate_longest_first(
         model,
         tokenizer,
@@ -163,6 +165,8 @@ def generate_samples(
         batch_size=decoding.batch_size,
         desc="generate",
         progress=progress,
+        seed=decoding.seed,
+        journal=journal,
         max_new_tokens=decoding.max_new_tokens,
         temperature=decoding.temperature,
         top_p=decoding.top_p,
@@ -181,12 +185,18 @@ def generate_longest_first(
     batch_size: int,
     desc: str,
     progress: bool,
+    seed: int | None = None,
+    journal: Journal | None = None,
     **options: Any,
 ) -> list[str]:
     """`finetune.generate.generate` over many prompts, longest first, results in input order.
 
     Batching prompts of similar length wastes the least on left padding; with `suffix`
-    (fill-in-the-middle) a prompt's length counts its suffix too. `options` go to generate.
+    (fill-in-the-middle) a prompt's length counts its suffix too. With a `seed`, batch b is
+    generated with `batch_seed(seed, b)`, so what it draws does not depend on the batches
+    run before it. With a `journal` (finetune/journal.py), the batches it holds whole are
+    taken from it, and each batch generated is on disk in it before the next one starts;
+    the progress bar starts at what was taken. `options` go to generate.
     """
     from tqdm.auto import tqdm
 
@@ -196,23 +206,33 @@ def generate_longest_first(
         return len(prompts[i]) + (len(suffix[i]) if suffix is not None else 0)
 
     order = sorted(range(len(prompts)), key=lambda i: -length(i))
-    results: list[str] = [""] * len(prompts)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    results = journal.resume(prompts, suffix, batches) if journal is not None else {}
     model.eval()
-    with tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+    with tqdm(total=len(prompts), initial=len(results), desc=desc, disable=not progress) as bar:
+        for number, batch in enumerate(batches):
+            if all(i in results for i in batch):
+                continue
             texts = generate(
                 model,
                 tokenizer,
                 [prompts[i] for i in batch],
                 suffix=None if suffix is None else [suffix[i] for i in batch],
                 batch_size=len(batch),
+                seed=None if seed is None else batch_seed(seed, number),
                 **options,
             )
-            for i, text in zip(batch, texts, strict=True):
-                results[i] = text
+            done = dict(zip(batch, texts, strict=True))
+            if journal is not None:
+                journal.append(done)
+            results |= done
             bar.update(len(batch))
-    return results
+    return [results[i] for i in range(len(prompts))]
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed that batch number `batch` of a run seeded with `seed` is generated with."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{batch}".encode()).digest()[:4], "little")
 
 
 def score(
@@ -269,26 +289,36 @@ def evaluate(
     """Score `samples_file`, or generate completions with `model`/`adapter` and score them.
 
     Writes DIR/results.json and DIR/samples_results.jsonl (and, when generating, the raw
-    completions as DIR/samples.jsonl before they run, so they can be scored again).
+    completions as DIR/samples.jsonl before they run, so they can be scored again). One
+    process at a time per DIR (`journal.exclusive`); generation resumes from DIR's journal.
     """
     if samples_file is None:
         from finetune.generate import load_for_generation
 
-        loaded, tokenizer = load_for_generation(
-            model, adapter, attn_impl=attn_impl, quantization=quantization
-        )
-        about = {
-            "model": str(model) if model is not None else None,
-            "adapter": str(adapter) if adapter is not None else None,
-            "quantization": quantization,
-        }
-        return evaluate_loaded(
-            out, sandbox, loaded, tokenizer, about, decoding, limit, workers, progress
-        )
+        load_problems(limit)  # a bad --limit is refused before the model loads
+        with exclusive(out):
+            loaded, tokenizer = load_for_generation(
+                model, adapter, attn_impl=attn_impl, quantization=quantization
+            )
+            about = {
+                "model": str(model) if model is not None else None,
+                "adapter": str(adapter) if adapter is not None else None,
+                "quantization": quantization,
+                "attn_impl": attn_impl,
+            }
+            journal = Journal(
+                out, _settings(loaded, about, decoding, limit), files=(model, adapter)
+            )
+            return _generate_and_score(
+                out, sandbox, loaded, tokenizer, journal, decoding, limit, workers, progress
+            )
     problems = load_problems()
     samples = read_samples(samples_file, problems)
     settings = {"benchmark": benchmark(), "samples_file": str(samples_file)}
-    return _score_and_write(Path(out), samples, problems, sandbox, settings, {}, workers, progress)
+    with exclusive(out):
+        return _score_and_write(
+            Path(out), samples, problems, sandbox, settings, {}, workers, progress
+        )
 
 
 def evaluate_loaded(
@@ -301,15 +331,26 @@ def evaluate_loaded(
     limit: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    *,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Generate with a model already in memory (`about` says which), score, write the files."""
-    out = Path(out)
-    problems = load_problems(limit)
-    started = time.perf_counter()
-    samples = generate_samples(model, tokenizer, problems, decoding, progress=progress)
-    seconds = {"generate": round(time.perf_counter() - started, 2)}
-    write_atomic(out / "samples.jsonl", _jsonl(samples))
-    settings = {
+    """Generate with a model already in memory, score, write the files (as `evaluate`).
+
+    `about` says which model: it is recorded, and it is how a rerun knows the journal's
+    completions are this model's, so it must name these weights (training's own eval puts
+    the adapter's sha256 in it). `restart`: a journal of other settings is replaced, not
+    refused (finetune/journal.py).
+    """
+    with exclusive(out):
+        journal = Journal(out, _settings(model, about, decoding, limit), restart=restart)
+        return _generate_and_score(
+            out, sandbox, model, tokenizer, journal, decoding, limit, workers, progress
+        )
+
+
+def _settings(model, about: dict[str, Any], decoding: Decoding, limit: int | None) -> dict:
+    """What results.json records of a generating run: what makes its completions comparable."""
+    return {
         "benchmark": benchmark(),
         **about,
         "compute_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
@@ -319,7 +360,34 @@ def evaluate_loaded(
         "top_k": 0,
         **asdict(decoding),
     }
-    return _score_and_write(out, samples, problems, sandbox, settings, seconds, workers, progress)
+
+
+def _generate_and_score(
+    out: str | os.PathLike,
+    sandbox: Sandbox,
+    model,
+    tokenizer,
+    journal: Journal,
+    decoding: Decoding,
+    limit: int | None,
+    workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Generate what the journal lacks, write DIR/samples.jsonl, score; then drop the journal."""
+    out = Path(out)
+    problems = load_problems(limit)
+    started = time.perf_counter()
+    samples = generate_samples(
+        model, tokenizer, problems, decoding, progress=progress, journal=journal
+    )
+    seconds = {"generate": round(time.perf_counter() - started, 2)}
+    write_atomic(out / "samples.jsonl", _jsonl(samples))
+    settings = journal.settings | {"resumed": journal.resumed}
+    results = _score_and_write(
+        out, samples, problems, sandbox, settings, seconds, workers, progress
+    )
+    journal.remove()
+    return results
 
 
 def _score_and_write(

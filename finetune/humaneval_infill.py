@@ -35,6 +35,7 @@ from typing import Any
 from data_prep.files import write_atomic
 from data_prep.fim import FimSettings
 from finetune.humaneval import benchmark, generate_longest_first, load_problems, score
+from finetune.journal import Journal, exclusive
 from finetune.sandbox import Sandbox
 
 STOP = ("\n",)  # one line: generation ends at the first newline (or EOS)
@@ -92,10 +93,13 @@ def generate_middles(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
+    journal: Journal | None = None,
 ) -> list[str]:
     """The model's greedy middle of each task (cut at STOP), with the kit's `generate`.
 
-    Tasks go longest first in batches of `batch_size` (left-padded, KV cache).
+    Tasks go longest first in batches of `batch_size` (left-padded, KV cache). With a
+    `journal`, middles already in it are not generated again, and each batch goes to it as
+    soon as it is done.
     """
     prompts = {p["task_id"]: p["prompt"] for p in problems}
     middles = generate_longest_first(
@@ -106,6 +110,7 @@ def generate_middles(
         batch_size=batch_size,
         desc="infill",
         progress=progress,
+        journal=journal,
         fim=fim,
         max_new_tokens=max_new_tokens,
         temperature=0,
@@ -181,7 +186,8 @@ def evaluate_infill(
     write DIR/results.json and DIR/samples_results.jsonl.
 
     The FIM settings come from the adapter folder (else the model folder) before anything
-    loads: a model trained without FIM is refused with `fim_settings`' error.
+    loads: a model trained without FIM is refused with `fim_settings`' error. One process at
+    a time per DIR (`journal.exclusive`); generation resumes from DIR's journal.
     """
     from finetune.generate import check_options, fim_settings, load_for_generation
 
@@ -198,45 +204,52 @@ def evaluate_infill(
         raise ValueError("name a model (--model), or an adapter (--adapter)")
     fim = fim_settings(adapter if adapter is not None else model)
     problems = load_problems(limit)
-    loaded, tokenizer = load_for_generation(
-        model, adapter, attn_impl=attn_impl, quantization=quantization
-    )
-    tasks = infill_tasks(problems)
-    started = time.perf_counter()
-    middles = generate_middles(
-        loaded,
-        tokenizer,
-        tasks,
-        problems,
-        fim,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    seconds = {"generate": round(time.perf_counter() - started, 2)}
-    settings = {
-        "benchmark": "single-line infilling of the canonical solutions of " + benchmark(),
-        "model": str(model) if model is not None else None,
-        "adapter": str(adapter) if adapter is not None else None,
-        "quantization": quantization,
-        "compute_dtype": str(loaded.get_input_embeddings().weight.dtype).removeprefix("torch."),
-        "limit": limit,
-        "fim": asdict(fim) | {"order": "SPM" if fim.spm_at_inference else "PSM"},
-        "decoding": "greedy",
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-    }
-    return write_results(
-        out,
-        tasks,
-        middles,
-        problems,
-        sandbox,
-        settings,
-        seconds,
-        workers=workers,
-        progress=progress,
-    )
+    with exclusive(out):
+        loaded, tokenizer = load_for_generation(
+            model, adapter, attn_impl=attn_impl, quantization=quantization
+        )
+        dtype = loaded.get_input_embeddings().weight.dtype
+        settings = {
+            "benchmark": "single-line infilling of the canonical solutions of " + benchmark(),
+            "model": str(model) if model is not None else None,
+            "adapter": str(adapter) if adapter is not None else None,
+            "quantization": quantization,
+            "attn_impl": attn_impl,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "limit": limit,
+            "fim": asdict(fim) | {"order": "SPM" if fim.spm_at_inference else "PSM"},
+            "decoding": "greedy",
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+        }
+        journal = Journal(out, settings, files=(model, adapter))
+        tasks = infill_tasks(problems)
+        started = time.perf_counter()
+        middles = generate_middles(
+            loaded,
+            tokenizer,
+            tasks,
+            problems,
+            fim,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            journal=journal,
+        )
+        seconds = {"generate": round(time.perf_counter() - started, 2)}
+        results = write_results(
+            out,
+            tasks,
+            middles,
+            problems,
+            sandbox,
+            journal.settings | {"resumed": journal.resumed},
+            seconds,
+            workers=workers,
+            progress=progress,
+        )
+        journal.remove()
+        return results
 
 
 def write_results(

@@ -183,7 +183,7 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
     trainer.save_model(str(run.adapter))
     if sandbox is not None:
-        pass_at_1 = _humaneval(model, recipe, sandbox, run.humaneval)
+        pass_at_1 = _humaneval(model, recipe, sandbox, run.humaneval, digests[0])
         trainer.log({"eval_humaneval_pass@1": pass_at_1})  # TensorBoard: eval/humaneval_pass@1
     if main:
         history = trainer.state.log_history
@@ -382,15 +382,24 @@ def _humaneval_sandbox():
     return Sandbox()
 
 
-def _humaneval(model, recipe: Recipe, sandbox, out: Path) -> float:
-    """Greedy pass@1 of the trained model on the first train.eval_humaneval problems."""
+def _humaneval(model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str) -> float:
+    """Greedy pass@1 of the trained model on the first train.eval_humaneval problems.
+
+    The adapter's digest tells a journal of this adapter (the eval of a run killed while it
+    evaluated) from one of another (a resumed run trains on): the first is resumed, the
+    second replaced, as the run must end either way.
+    """
     from finetune.humaneval import evaluate_loaded
     from model import load_tokenizer
 
-    about = {"model": f"{recipe.model.name} + the adapter just trained"}
+    about = {
+        "model": f"{recipe.model.name} + the adapter just trained",
+        "adapter_sha256": adapter_sha256,
+    }
     tokenizer = load_tokenizer(recipe.model.name)
     limit = recipe.train.eval_humaneval
-    return evaluate_loaded(out, sandbox, model, tokenizer, about, limit=limit)["pass@1"]
+    results = evaluate_loaded(out, sandbox, model, tokenizer, about, limit=limit, restart=True)
+    return results["pass@1"]
 
 
 def adapter_digest(state_dict: dict[str, torch.Tensor]) -> str:

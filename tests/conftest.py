@@ -93,3 +93,27 @@ def base(tmp_path_factory, real_tokenizer_dir) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """`generate_calls(fail_at=None)` counts the calls of finetune.generate.generate from then on
+    (the list it returns gets each call's number of prompts: one call per batch in an eval) and
+    raises RuntimeError("interrupted ...") at call number `fail_at`, where a kill would stop it."""
+    import finetune.generate
+
+    real = finetune.generate.generate
+
+    def count(fail_at: int | None = None) -> list[int]:
+        calls: list[int] = []
+
+        def counted(model, tokenizer, prompts, **options):
+            calls.append(len(prompts))
+            if len(calls) == fail_at:
+                raise RuntimeError(f"interrupted at batch {fail_at}")
+            return real(model, tokenizer, prompts, **options)
+
+        monkeypatch.setattr(finetune.generate, "generate", counted)
+        return calls
+
+    return count

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -25,6 +27,7 @@ from finetune.humaneval import (
     score,
     summarize,
 )
+from finetune.journal import JOURNAL
 from finetune.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +189,134 @@ def test_command_line_generates_and_scores(tiny_checkpoint, tmp_path, capsys):
         main(["eval", "humaneval", "--out", str(out)])
 
 
+@pytest.fixture(scope="module")
+def small(base):
+    return load_for_generation(base)
+
+
+FIVE = Decoding(max_new_tokens=6, batch_size=2)  # 5 problems: batches of 2, 2 and 1
+
+
+def journal_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
+
+
+def test_an_interrupted_generation_resumes_where_it_stopped(
+    small, sandbox, tmp_path, generate_calls
+):
+    model, tokenizer = small
+    whole = evaluate_loaded(
+        tmp_path / "whole", sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False
+    )
+    want = (tmp_path / "whole" / "samples.jsonl").read_text()
+    completions = [json.loads(line)["completion"] for line in want.splitlines()]
+    out = tmp_path / "out"
+    generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted at batch 2"):
+        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    header, *first = journal_lines(out)
+    prompts = [p["prompt"] for p in load_problems(5)]
+    longest = sorted(range(5), key=lambda i: -len(prompts[i]))[:2]
+    assert header["settings"]["max_new_tokens"] == 6 and header["settings"]["limit"] == 5
+    assert [(r["index"], r["completion"]) for r in first] == [(i, completions[i]) for i in longest]
+    assert not (out / "results.json").exists() and not (out / "samples.jsonl").exists()
+
+    calls = generate_calls()
+    again = evaluate_loaded(
+        out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False
+    )
+    assert calls == [2, 1]  # the two batches that were not on disk, and nothing else
+    assert (out / "samples.jsonl").read_text() == want
+    assert again["settings"]["resumed"] == 2 and whole["settings"]["resumed"] == 0
+    assert again["pass@1"] == whole["pass@1"] and not (out / JOURNAL).exists()
+
+
+def test_a_cut_last_line_is_ignored_and_its_batch_generated_again(
+    small, sandbox, tmp_path, generate_calls
+):
+    model, tokenizer = small
+    out = tmp_path / "out"
+    generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    header, *first = journal_lines(out)
+    done = {r["index"] for r in first}
+    prompts = [p["prompt"] for p in load_problems(5)]
+    second = sorted(set(range(5)) - done, key=lambda i: -len(prompts[i]))[:2]
+    # A kill in the middle of the second batch's append: one line whole, the next one cut.
+    line = json.dumps({"job": header["job"], "index": second[0], "completion": "WRONG"}) + "\n"
+    cut = json.dumps({"job": header["job"], "index": second[1], "completion": "x"})[:25]
+    with open(out / JOURNAL, "a") as file:
+        file.write(line + cut)
+    calls = generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    assert calls == [2, 1]  # the second batch whole (not all on disk), then the interrupted one
+    lines = journal_lines(out)  # every line whole: the cut one was cut off before appending
+    assert [r["index"] for r in lines[1:]] == [*[r["index"] for r in first], second[0], *second]
+    calls = generate_calls()
+    results = evaluate_loaded(
+        out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False
+    )
+    assert calls == [1] and results["settings"]["resumed"] == 4
+    got = read_samples(out / "samples.jsonl", load_problems())
+    assert "WRONG" not in [s["completion"] for s in got]  # the batch's later lines count
+    fresh = generate_samples(model, tokenizer, load_problems(5), FIVE, progress=False)
+    assert got == fresh
+
+
+def test_a_journal_of_other_settings_is_refused_or_restarted(
+    small, sandbox, tmp_path, generate_calls
+):
+    model, tokenizer = small
+    out = tmp_path / "out"
+    generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    before = (out / JOURNAL).read_bytes()
+    other = Decoding(max_new_tokens=7, batch_size=2)
+    calls = generate_calls()
+    with pytest.raises(ValueError) as refused:
+        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "b2"}, other, 5, progress=False)
+    assert str(refused.value) == (
+        f"{out / JOURNAL} holds completions generated with other settings (max_new_tokens: 6 "
+        "then, 7 now; model: 'base' then, 'b2' now): rerun with those settings to resume, or "
+        f"delete {out / JOURNAL} (or choose another --out) to start over"
+    )
+    assert (out / JOURNAL).read_bytes() == before and calls == []
+    results = evaluate_loaded(
+        out, sandbox, model, tokenizer, {"model": "b2"}, other, 5, progress=False, restart=True
+    )
+    assert calls == [2, 2, 1] and results["settings"]["resumed"] == 0
+    assert results["settings"]["max_new_tokens"] == 7 and not (out / JOURNAL).exists()
+
+
+def test_a_second_process_evaluating_into_the_same_folder_is_refused(base, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    hold = (
+        "import sys, time\nfrom finetune.journal import exclusive\nwith exclusive(sys.argv[1]):\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold + "    print('held', flush=True)\n    time.sleep(60)", out],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    command = ["eval", "humaneval", "--model", str(base), "--out", str(out), "--limit", "1"]
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with monkeypatch.context() as patch:
+            patch.setattr("finetune.generate.load_for_generation", pytest.fail)  # not loaded
+            busy = f"replit-ft eval: another process is evaluating into {out} .*--out"
+            with pytest.raises(SystemExit, match=busy):
+                main(command)
+    finally:
+        holder.kill()
+        holder.wait()
+    main([*command, "--max-new-tokens", "4"])  # the lock goes with its holder, even killed
+    assert json.loads((out / "results.json").read_text())["problems"] == 1
+
+
 def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, real_tokenizer_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -210,6 +341,7 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, r
     assert summary["humaneval_pass@1"] == 0.0 and summary["humaneval_problems"] == 1
     results = json.loads((run / "humaneval" / "results.json").read_text())
     assert results["problems"] == 1 and results["settings"]["temperature"] == 0.0
+    assert results["settings"]["adapter_sha256"] == summary["adapter_sha256_per_rank"][0]
     logged = []
     for events in run.rglob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from finetune.humaneval_infill import (
     is_exact,
     write_results,
 )
+from finetune.journal import JOURNAL
 from finetune.sandbox import Sandbox
 from model.random_checkpoint import write_checkpoint
 
@@ -176,3 +179,36 @@ def test_a_model_without_fim_is_refused_before_it_loads(tiny_checkpoint, tmp_pat
     with pytest.raises(SystemExit, match=f"no fim settings in {adapter}/replit_ft.json"):
         main([*command, "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_infill_resumes_and_a_changed_model_is_refused(
+    base, tmp_path, generate_calls
+):
+    model = shutil.copytree(base, tmp_path / "model")
+    write_info(model, FIM)
+    command = ["eval", "infill", "--model", str(model), "--limit", "1"]
+    command += ["--max-new-tokens", "4", "--batch-size", "3"]  # 7 tasks: batches of 3, 3, 1
+    main([*command, "--out", str(tmp_path / "whole")])
+    want = (tmp_path / "whole" / "samples_results.jsonl").read_text()
+    out = tmp_path / "out"
+    generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted at batch 2"):
+        main([*command, "--out", str(out)])
+    header, *first = [json.loads(line) for line in (out / JOURNAL).open()]
+    assert header["settings"]["fim"] == FIM | {"order": "PSM"} and len(first) == 3
+    calls = generate_calls()
+    main([*command, "--out", str(out)])
+    assert calls == [3, 1]  # the first batch was on disk
+    assert (out / "samples_results.jsonl").read_text() == want
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["resumed"] == 3 and not (out / JOURNAL).exists()
+    # Retrained in place: the same path, other weights. Its journal is not this model's.
+    generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        main([*command, "--out", str(out)])
+    weights = model / "pytorch_model.bin"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    calls = generate_calls()
+    with pytest.raises(SystemExit, match=f"other settings \\(the files in {model} \\(changed"):
+        main([*command, "--out", str(out)])
+    assert calls == []

@@ -3,12 +3,19 @@
 Each isolation level is run where this machine allows it: the strongest one in this
 process; as root also, through the system's Python (which other uids can run), the
 user-namespace level as `nobody` and the uid level of a root without namespaces.
+
+What is left behind is counted among this test's own processes only, so that another eval
+running on the machine meanwhile is not taken for a leak: those tagged with the test's
+marker, and, as root, those of the sandbox uids this test's samples ran under. A Sandbox
+draws where it starts handing out uids from `finetune.sandbox.random`, then counts up; the
+tests pin that draw (`own_ids`), and check that their samples ran under those uids.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -20,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import finetune.sandbox
 from finetune.sandbox import SANDBOX_IDS, Limits, Sandbox
 
 SANDBOX_FILE = Path(__file__).resolve().parents[1] / "finetune" / "sandbox.py"
@@ -27,6 +35,8 @@ SYSTEM_PYTHON = next(
     (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)), None
 )
 LIMITS = {"timeout": 2.0, "memory": 256 << 20}
+IDS_PER_TEST = 64  # more uids than any test here hands out
+REPORT_UID = "import os\nassert False, os.getuid()"  # fails with the uid in its last line
 
 
 def hostile(port: int, outside: Path, marker: str) -> dict[str, str]:
@@ -54,8 +64,31 @@ def new_marker() -> str:
     return f"9{uuid.uuid4().int % 10**8:08d}.5"
 
 
-def leftovers(marker: str) -> list[str]:
-    """Processes tagged with `marker`, or running under a sandbox uid, and files it names."""
+def pinned_ids(seed: int) -> set[int]:
+    """The uids a Sandbox hands out (as root) when made while `finetune.sandbox.random` is
+    `random.Random(seed)`: it draws where to start from it, then counts up."""
+    start = random.Random(seed).randrange(len(SANDBOX_IDS))
+    return {SANDBOX_IDS[(start + i) % len(SANDBOX_IDS)] for i in range(IDS_PER_TEST)}
+
+
+@pytest.fixture
+def own_ids(monkeypatch) -> tuple[int, set[int]]:
+    """A seed, pinned for the Sandboxes this test makes here, and the uids they hand out
+    (scripts that make their own pin the seed themselves)."""
+    seed = uuid.uuid4().int
+    monkeypatch.setattr(finetune.sandbox, "random", random.Random(seed))
+    return seed, pinned_ids(seed)
+
+
+def ran_under(outcome_result: str) -> int:
+    """The uid REPORT_UID ran under, from its outcome."""
+    prefix = "failed: AssertionError: "
+    assert outcome_result.startswith(prefix), outcome_result
+    return int(outcome_result.removeprefix(prefix))
+
+
+def leftovers(marker: str, ids: set[int]) -> list[str]:
+    """Processes tagged with `marker` or running under one of `ids`, and files `marker` names."""
     found = [str(p) for p in (Path("/dev/shm") / marker,) if p.exists()]
     for entry in Path("/proc").iterdir():
         try:
@@ -63,7 +96,7 @@ def leftovers(marker: str) -> list[str]:
             command = (entry / "cmdline").read_bytes().decode(errors="replace")
         except (OSError, ValueError):
             continue
-        if entry.name.isdigit() and (marker in command or uid in SANDBOX_IDS):
+        if entry.name.isdigit() and (marker in command or uid in ids):
             found.append(f"pid {entry.name} uid {uid}: {command!r}")
     return found
 
@@ -111,9 +144,11 @@ def reached(server: socket.socket) -> bool:
         return False
 
 
-def test_hostile_samples_fail_and_leave_nothing(attack, server):
+def test_hostile_samples_fail_and_leave_nothing(attack, server, own_ids):
     programs, outside, marker = attack
     sandbox = Sandbox(Limits(**LIMITS))
+    if sandbox.root:
+        assert ran_under(sandbox.run(REPORT_UID).result) in own_ids[1]
     assert sandbox.isolation == "namespaces"  # this machine allows them
     outcomes = sandbox.run_all(list(programs.values()), workers=2, progress=False)
     results = dict(zip(programs, outcomes, strict=True))
@@ -124,7 +159,7 @@ def test_hostile_samples_fail_and_leave_nothing(attack, server):
     assert results["memory"].result == "failed: MemoryError"
     assert not reached(server)
     assert not list(outside.iterdir())
-    assert leftovers(marker) == []
+    assert leftovers(marker, own_ids[1]) == []
     assert sandbox.run("assert sum(range(4)) == 6") == sandbox.run("pass")  # carries on
     assert sandbox.run("pass").passed
 
@@ -151,8 +186,9 @@ def test_failures_are_named():
     assert sandbox.run(killed).result == "failed: killed by SIGKILL"
 
 
-def test_nothing_outlives_a_killed_evaluator():
+def test_nothing_outlives_a_killed_evaluator(own_ids):
     marker = new_marker()
+    seed, ids = own_ids
     daemon = (
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n"
         f"    os.execv('/bin/sleep', ['sleep', '{marker}'])\ntime.sleep(100)"
@@ -163,6 +199,7 @@ def test_nothing_outlives_a_killed_evaluator():
         "sandbox = importlib.util.module_from_spec(spec)\n"
         "sys.modules['sandbox'] = sandbox\n"
         "spec.loader.exec_module(sandbox)\n"
+        f"sandbox.random = __import__('random').Random({seed})\n"
         "box = sandbox.Sandbox(sandbox.Limits(timeout=60))\n"
         f"box.run_all([{daemon!r}] * 2, workers=2, progress=False)\n"
     )
@@ -176,9 +213,9 @@ def test_nothing_outlives_a_killed_evaluator():
         evaluator.kill()
         evaluator.wait()
     deadline = time.monotonic() + 5
-    while leftovers(marker) and time.monotonic() < deadline:
+    while leftovers(marker, ids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert leftovers(marker) == []
+    assert leftovers(marker, ids) == []
 
 
 def test_bad_limits_are_refused():
@@ -186,14 +223,16 @@ def test_bad_limits_are_refused():
         Limits(timeout=0)
 
 
-def run_elsewhere(level: str, programs: dict[str, str], user: str | None) -> dict:
-    """Run `programs` in a sandbox of `level`, from the system's Python, as `user`."""
+def run_elsewhere(level: str, programs: dict[str, str], user: str | None, seed: int) -> dict:
+    """Run `programs` in a sandbox of `level`, from the system's Python, as `user`; its
+    uids are drawn from `seed` (`pinned_ids`)."""
     script = (
         "import importlib.util, json, sys, warnings\n"
         f"spec = importlib.util.spec_from_file_location('sandbox', {str(SANDBOX_FILE)!r})\n"
         "sandbox = importlib.util.module_from_spec(spec)\n"
         "sys.modules['sandbox'] = sandbox\n"
         "spec.loader.exec_module(sandbox)\n"
+        f"sandbox.random = __import__('random').Random({seed})\n"
         "programs, level, allow = json.load(sys.stdin)\n"
         "try:\n"
         f"    box = sandbox.Sandbox(sandbox.Limits(**{LIMITS!r}), isolation=level,"
@@ -231,30 +270,34 @@ needs_root = pytest.mark.skipif(
 
 
 @needs_root
-def test_user_namespaces_isolate_a_user_who_is_not_root(attack, server):
+def test_user_namespaces_isolate_a_user_who_is_not_root(attack, server, own_ids):
     programs, outside, marker = attack
-    results = run_elsewhere("namespaces", programs, user="65534")
+    seed, ids = own_ids
+    results = run_elsewhere("namespaces", programs | {"uid": REPORT_UID}, user="65534", seed=seed)
     got = results["with"]
     assert results["without --allow-network"] == {"alive": "passed"}
     assert got.pop("alive") == "passed"
+    assert ran_under(got["uid"]) == 65534  # its own uid, in a user namespace
     assert "passed" not in got.values(), got
     assert got["kill parent"] == "failed: AssertionError: it survived"  # its init ignores it
     assert "Network is unreachable" in got["network"]
     assert not reached(server)
     assert not list(outside.iterdir())
-    assert leftovers(marker) == []
+    assert leftovers(marker, ids) == []
 
 
 @needs_root
-def test_root_without_namespaces_runs_samples_under_their_own_uid(attack, server):
+def test_root_without_namespaces_runs_samples_under_their_own_uid(attack, server, own_ids):
     programs, outside, marker = attack
-    results = run_elsewhere("uid", programs, user=None)
+    seed, ids = own_ids
+    results = run_elsewhere("uid", programs | {"uid": REPORT_UID}, user=None, seed=seed)
     assert "pass --allow-network" in results["without --allow-network"]["refused"]
     got = results["with"]
     assert got.pop("alive") == "passed"
+    assert ran_under(got["uid"]) in ids
     assert got.pop("network") == "passed" and reached(server)  # nothing stops it at this level
     for name in ("write outside", "write shm"):  # nor a write to a world-writable folder
         assert got.pop(name) == "passed"
     assert "passed" not in got.values(), got
     assert "Operation not permitted" in got["kill parent"]
-    assert leftovers(marker) == [f"/dev/shm/{marker}"]  # the file; no process
+    assert leftovers(marker, ids) == [f"/dev/shm/{marker}"]  # the file; no process
