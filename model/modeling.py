@@ -55,6 +55,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = self.Wqkv(x).view(batch, length, 3, self.n_heads, self.head_dim)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            # Under autocast norm_1's output is fp32 and a 4-bit Wqkv returns its input's
+            # dtype, so q, k, v would arrive in fp32: sdpa casts them itself, but flash-attn
+            # refuses them and flex, in torch versions without its own autocast rule, runs
+            # its fp32 kernels.
+            qkv = qkv.to(torch.get_autocast_dtype(device))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)

@@ -173,3 +173,35 @@ def test_batched_left_padded_generation_equals_one_by_one(ours):
     for r, p in enumerate(prompts):
         alone = ours.generate(p[None], max_new_tokens=8, do_sample=False, eos_token_id=None)
         assert torch.equal(batched[r, width:], alone[0, len(p) :])
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_gets_the_autocast_dtype_from_a_4bit_base(tiny_checkpoint, monkeypatch, impl):
+    """QLoRA under bf16 autocast: norm_1 gives fp32 and a 4-bit Wqkv returns its input's
+    dtype, yet every backend must get bf16 q, k, v (flash-attn refuses fp32; flex without
+    an autocast rule would run fp32 kernels)."""
+    from finetune.lora import build_model
+    from finetune.recipe import LoraSection, ModelSection
+    from model import modeling
+
+    model = build_model(
+        ModelSection(name=str(tiny_checkpoint), quantization="nf4", attn_impl=impl),
+        LoraSection(r=4, alpha=8),
+        seq_len=64,
+        device=torch.device("cpu"),
+        gradient_checkpointing=True,
+    ).train()
+    seen = []
+    backend = modeling.BACKENDS[impl]
+
+    def spy(q, k, v, layout, scale):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return backend(q, k, v, layout, scale)
+
+    monkeypatch.setitem(modeling.BACKENDS, impl, spy)
+    ids = tokens(1, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen), seen
+    assert torch.isfinite(loss)
