@@ -43,7 +43,7 @@ figures)
     ;;
 tests)
     install
-    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_levers.py 2>&1 \
         | tee "$out/test_cuda.log"
     ;;
 *)

@@ -1,7 +1,8 @@
 """bench/levers.py's fused LoRA layer computes what peft + bitsandbytes compute.
 
-The GPU bench times it against peft; here, on CPU under bf16 autocast as training runs,
-its loss and every gradient must be peft's up to bf16 rounding, dropout mask included.
+The GPU bench times it against peft; here, under bf16 autocast as training runs (on CPU,
+and on CUDA where there is one), its loss and every gradient must be peft's up to bf16
+rounding, dropout mask included.
 """
 
 from __future__ import annotations
@@ -12,9 +13,24 @@ import torch
 from bench.levers import fused_lora
 from finetune.lora import build_model
 from finetune.recipe import LoraSection, ModelSection
+from model.random_checkpoint import write_checkpoint
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
 
 
-def qlora(path, dropout: float):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """2 layers, d_model 192, 6 heads; no tokenizer (the GPU machine has none)."""
+    path = tmp_path_factory.mktemp("levers")
+    return write_checkpoint(path, n_layers=2, d_model=192, n_heads=6, vocab=32768, seed=1)
+
+
+def qlora(path, dropout: float, device: str):
     section = ModelSection(
         name=str(path), quantization="nf4", compute_dtype="bf16", attn_impl="sdpa"
     )
@@ -22,20 +38,20 @@ def qlora(path, dropout: float):
         r=8, alpha=16, dropout=dropout, targets=["Wqkv", "out_proj", "up_proj", "down_proj"]
     )
     model = build_model(
-        section, lora, seq_len=128, device=torch.device("cpu"), gradient_checkpointing=True
+        section, lora, seq_len=128, device=torch.device(device), gradient_checkpointing=True
     )
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # B = 0 at the start would hide every error in the LoRA path
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.device) * 0.05)
     model.train()
     return model
 
 
 def step(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
     torch.manual_seed(1)  # the same dropout draws on both sides
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -43,11 +59,13 @@ def step(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("keep_weight", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_matches_peft(tiny_checkpoint, dropout, keep_weight):
-    model = qlora(tiny_checkpoint, dropout)
+def test_fused_lora_matches_peft(checkpoint, dropout, keep_weight, device):
+    model = qlora(checkpoint, dropout, device)
     ids = torch.randint(3, 32768, (2, 96), generator=torch.Generator().manual_seed(3))
+    ids = ids.to(device)
     want_loss, want = step(model, ids)
     with fused_lora(model.get_base_model(), keep_weight):
         loss, got = step(model, ids)
