@@ -67,6 +67,7 @@ from finetune.report import write_report
 from finetune.run_folder import (
     RunFolder,
     read_json,
+    read_record,
     seal_checkpoint,
     write_json,
     write_record,
@@ -83,6 +84,7 @@ class Plan:
 
     resume_from: Path | None
     data_fingerprint: str | None  # the run's data, when resuming: the data must not change
+    finished: bool = False  # resuming a run that already wrote its adapter at max_steps
 
 
 def train(recipe: Recipe, *, quiet: bool = False) -> Path:
@@ -106,6 +108,12 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
         prepared[0] = prepare(recipe.data, progress=not quiet, expect=plan.data_fingerprint)
         say(data_summary(prepared[0]))
     broadcast_object_list(prepared)
+    if plan.finished:  # transformers' loop, resumed at max_steps, would train one step more
+        say(
+            f"resume: the run in {run.path} already ran its train.max_steps={cfg.max_steps} "
+            f"steps: nothing to do. Its adapter: {run.adapter} (raise train.max_steps to train on)"
+        )
+        return run.adapter
     data = prepared[0].load()
     data.set_format("torch")
 
@@ -287,6 +295,16 @@ def plan_run(run: RunFolder, recipe: Recipe, processes: int, say) -> Plan:
     for key, old, new in changed:
         say(f"resume: {key} {old!r} -> {new!r}")
     checkpoint = run.newest_complete_checkpoint(say)
+    step = _step_of(checkpoint)
+    if step > cfg.max_steps:
+        raise RecipeError(
+            f"train.resume=true: {checkpoint} is past train.max_steps={cfg.max_steps}, and a run "
+            f"cannot be shortened: give train.max_steps={step} or more, or start a new run "
+            "(another train.output_dir, or train.overwrite=true)"
+        )
+    record = read_record(run.adapter) if step == cfg.max_steps else None
+    if record is not None and record.get("summary", {}).get("steps") == step:
+        return Plan(checkpoint, info.get("data_fingerprint"), finished=True)
     say(f"resume: from {checkpoint}" if checkpoint else "resume: no complete checkpoint, step 0")
     return Plan(checkpoint, info.get("data_fingerprint"))
 

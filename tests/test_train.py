@@ -217,6 +217,19 @@ def test_sigkill_of_an_overwriting_run_then_resume_matches_an_uninterrupted_run(
     assert losses(crashed / "run") == losses(straight / "run")
 
 
+def test_resuming_a_finished_run_trains_no_step_more(tmp_path, finished, capsys):
+    """transformers' loop, resumed at max_steps, runs one step more (9 of 8, then 10...)."""
+    recipe = copy_of(finished, tmp_path)
+    before = snapshot(tmp_path)
+    adapter = train(load_recipe(recipe, ["train.resume=true"]), quiet=True)
+    assert adapter == tmp_path / "run" / "adapter"
+    assert "already ran its train.max_steps=8 steps: nothing to do" in capsys.readouterr().out
+    assert snapshot(tmp_path) == before
+    with pytest.raises(RecipeError, match=r"checkpoint-8 is past train.max_steps=6, .* or more"):
+        train(load_recipe(recipe, ["train.resume=true", "train.max_steps=6"]))
+    assert snapshot(tmp_path) == before
+
+
 def test_a_fresh_run_into_an_earlier_run_is_refused_and_writes_nothing(tmp_path, finished):
     recipe = copy_of(finished, tmp_path)
     before = snapshot(tmp_path)
