@@ -137,7 +137,6 @@ def generate(args: argparse.Namespace) -> None:
         check_options,
         fim_settings,
         load_for_generation,
-        read_prompts,
     )
     from finetune.generate import generate as complete
 
@@ -154,8 +153,8 @@ def generate(args: argparse.Namespace) -> None:
         check_options(**settings)
     except OptionError as err:
         raise ValueError(f"{_flag(err.option)} {err.problem}") from None
-    prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
-    suffix = read_prompts(args.suffix_file, key="suffix") if args.suffix_file else args.suffix
+    prompts = _read_prompts(args.prompt_file, "prompt") if args.prompt_file else args.prompt
+    suffix = _read_prompts(args.suffix_file, "suffix") if args.suffix_file else args.suffix
     folder = args.adapter or args.model  # where train or merge recorded the FIM settings
     fim = fim_settings(folder) if suffix is not None and folder else None
     model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)
@@ -169,6 +168,16 @@ def generate(args: argparse.Namespace) -> None:
 
     complete(model, tokenizer, prompts, suffix=suffix, fim=fim, **settings, on_text=show)
     print()
+
+
+def _read_prompts(file: str, key: str) -> list[str]:
+    """The prompts or suffixes of --prompt-file / --suffix-file; errors name the option."""
+    from finetune.generate import read_prompts
+
+    try:
+        return read_prompts(file, key=key)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--{key}-file {err}") from None
 
 
 def _flag(name: str) -> str:

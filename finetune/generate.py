@@ -392,6 +392,9 @@ def read_prompts(file: str | os.PathLike, key: str = "prompt") -> list[str]:
     error naming the file (and the line).
     """
     path = Path(file)
+    if not path.is_file():
+        problem = "a folder, not a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{path}: {problem}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
