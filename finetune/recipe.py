@@ -246,6 +246,8 @@ def _override(raw: dict[str, Any], item: str, origins: dict[tuple[str, ...], str
     *parents, leaf = key.split(".")
     node = raw
     for depth, part in enumerate(parents):
+        if part not in node:  # a section the override brings: errors about it name the override
+            origins[tuple(parents[: depth + 1])] = f"override {item!r}"
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is no section")

@@ -96,7 +96,11 @@ def test_a_bad_recipe_names_file_line_and_key(tmp_path, text, message):
             "train.max_steps=-5",
             r"override 'train\.max_steps=-5': train\.max_steps: must be at least 1",
         ),
-        ("model.generation.top_p=1.5", r"model\.generation: unknown key"),
+        (
+            "model.generation.top_p=1.5",
+            r"^override 'model\.generation\.top_p=1\.5': model\.generation: unknown key",
+        ),
+        ("trian.lr=1", r"^override 'trian\.lr=1': trian: unknown key \(did you mean train\?\)"),
         (
             "lora.targets=[Wqkv, mlp_down]",
             r"lora\.targets: 'mlp_down' is not one of .*first release",
