@@ -191,7 +191,9 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
     trainer.save_model(str(run.adapter))
     if sandbox is not None:
-        pass_at_1 = _humaneval(model, recipe, sandbox, run.humaneval, digests[0])
+        pass_at_1 = _humaneval(
+            model, recipe, sandbox, run.humaneval, digests[0], progress=not quiet
+        )
         trainer.log({"eval_humaneval_pass@1": pass_at_1})  # TensorBoard: eval/humaneval_pass@1
     if main:
         history = trainer.state.log_history
@@ -400,7 +402,9 @@ def _humaneval_sandbox():
     return Sandbox()
 
 
-def _humaneval(model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str) -> float:
+def _humaneval(
+    model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str, *, progress: bool
+) -> float:
     """Greedy pass@1 of the trained model on the first train.eval_humaneval problems.
 
     The adapter's digest tells a journal of this adapter (the eval of a run killed while it
@@ -416,7 +420,9 @@ def _humaneval(model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str) -
     }
     tokenizer = load_tokenizer(recipe.model.name)
     limit = recipe.train.eval_humaneval
-    results = evaluate_loaded(out, sandbox, model, tokenizer, about, limit=limit, restart=True)
+    results = evaluate_loaded(
+        out, sandbox, model, tokenizer, about, limit=limit, restart=True, progress=progress
+    )
     return results["pass@1"]
 
 

@@ -317,7 +317,9 @@ def test_a_second_process_evaluating_into_the_same_folder_is_refused(base, tmp_p
     assert json.loads((out / "results.json").read_text())["problems"] == 1
 
 
-def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, real_tokenizer_dir):
+def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(
+    tmp_path, real_tokenizer_dir, capsys
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from finetune.recipe import load_recipe
@@ -336,7 +338,10 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, r
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="train.eval_humaneval: must be at most 164, got 165"):
         load_recipe(tmp_path / "recipe.yaml", ["train.eval_humaneval=165"])
-    run = train(load_recipe(tmp_path / "recipe.yaml", ["train.eval_humaneval=1"])).parent
+    run = train(load_recipe(tmp_path / "recipe.yaml", ["train.eval_humaneval=1"]), quiet=True)
+    captured = capsys.readouterr()
+    assert "%|" not in captured.out + captured.err  # --quiet: the evaluation's bars too
+    run = run.parent
     summary = json.loads((run / "metrics.json").read_text())["summary"]
     assert summary["humaneval_pass@1"] == 0.0 and summary["humaneval_problems"] == 1
     results = json.loads((run / "humaneval" / "results.json").read_text())
