@@ -70,8 +70,9 @@ def load_for_generation(
         if model is None:
             raise ValueError("name a model, or an adapter (whose base is then used)")
         path = resolve_checkpoint(model)
+        config = read_config(path)  # first: a folder that is no checkpoint says so
         tokenizer = load_tokenizer(path)
-        _check_vocab(path, tokenizer, read_config(path).vocab_size)
+        _check_vocab(path, tokenizer, config.vocab_size)
         loaded = load_model(
             path, quantization=quantization, max_seq_len=max_seq_len, attn_impl=attn_impl
         )

@@ -262,6 +262,12 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, name, content, message):
         main(command)
 
 
+def test_a_folder_that_is_no_checkpoint_is_named_by_its_missing_config(tmp_path):
+    (tmp_path / "adapter").mkdir()  # a run folder, say: no config.json, no spiece.model
+    with pytest.raises(SystemExit, match=rf"^replit-ft generate: {tmp_path}/config.json: missing"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+
+
 @pytest.mark.parametrize("flag", ["--prompt-file", "--suffix-file"])
 def test_a_missing_prompt_or_suffix_file_is_named_with_its_option(tmp_path, flag):
     command = ["generate", "--model", str(tmp_path)]
