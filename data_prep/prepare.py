@@ -235,9 +235,12 @@ def collect(config: PrepConfig) -> tuple[list[Document], list[bool], list[dict[s
     examples = [False] * len(documents)
     template = Template.from_dict(config.template)
     for source in config.instructions:
-        found = load_instructions(
-            source, format=config.format, template=template, skip_bad=config.skip_bad
-        )
+        try:
+            found = load_instructions(
+                source, format=config.format, template=template, skip_bad=config.skip_bad
+            )
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data.instructions: {err}") from None
         documents += found.documents
         examples += [True] * len(found.documents)
         _add_skips(skipped, "instructions", found.skipped)
