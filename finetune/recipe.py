@@ -157,7 +157,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read, resolve and check a recipe file with `key.sub=value` overrides (values are YAML)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such recipe file")
+        problem = "a folder, not a recipe file" if path.is_dir() else "no such recipe file"
+        raise FileNotFoundError(f"{path}: {problem} (the kit's recipes are recipes/*.yaml)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

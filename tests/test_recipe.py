@@ -115,6 +115,13 @@ def test_a_bad_override_is_named(tmp_path, override, message):
         load_recipe(write(tmp_path, GOOD), [override])
 
 
+def test_a_missing_recipe_or_a_folder_is_named(tmp_path):
+    for given, problem in [(tmp_path / "nope.yaml", "no such recipe file"), (tmp_path, "a folder")]:
+        with pytest.raises(SystemExit) as caught:
+            cli(["train", str(given)])
+        assert str(caught.value).startswith(f"replit-ft train: {given}: {problem}")
+
+
 def test_every_key_is_documented_and_listed_by_replit_ft_keys(capsys):
     rows = describe(Recipe)
     assert all(doc for _, _, _, doc in rows), [key for key, _, _, doc in rows if not doc]
