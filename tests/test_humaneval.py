@@ -123,6 +123,11 @@ def test_bad_sample_files_name_the_line(problems, tmp_path):
             read_samples(tmp_path / "s.jsonl", problems)
     with pytest.raises(SystemExit, match="replit-ft eval: .*s.jsonl: no samples"):
         main(["eval", "humaneval", "--samples", str(tmp_path / "s.jsonl"), "--out", "x"])
+    missing = [(tmp_path / "nope.jsonl", "no such file"), (tmp_path, "a folder, not a file")]
+    for given, problem in missing:
+        with pytest.raises(SystemExit) as caught:
+            main(["eval", "humaneval", "--samples", str(given), "--out", str(tmp_path / "x")])
+        assert str(caught.value) == f"replit-ft eval: {given}: {problem}"
 
 
 def test_settings_that_make_no_sense_are_refused():
