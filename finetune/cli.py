@@ -197,6 +197,7 @@ def eval_humaneval(args: argparse.Namespace) -> None:
     """HumanEval pass@k of a model (or adapter), or of a samples file; results in --out."""
     from finetune.humaneval import Decoding, evaluate
 
+    _check_out(args.out)
     if (args.samples is None) == (args.model is None and args.adapter is None):
         raise ValueError("score a samples file (--samples FILE) or a model (--model/--adapter)")
     decoding = Decoding(
@@ -233,6 +234,7 @@ def eval_infill(args: argparse.Namespace) -> None:
     from finetune.generate import OptionError
     from finetune.humaneval_infill import evaluate_infill
 
+    _check_out(args.out)
     try:
         results = evaluate_infill(
             args.out,
@@ -255,6 +257,13 @@ def eval_infill(args: argparse.Namespace) -> None:
     )
 
 
+def _check_out(out: str) -> None:
+    """An evaluation's --out is a folder (made when missing): a file there is refused now,
+    not after the generation."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; give a folder")
+
+
 def _sandbox(args: argparse.Namespace):
     """The sandbox of `eval humaneval` and `eval infill`, from their shared options."""
     from finetune.sandbox import Limits, Sandbox
@@ -272,6 +281,7 @@ def eval_context(args: argparse.Namespace) -> None:
     """Mean next-token loss by position bucket; context.json and context.png in --out."""
     from finetune.context_eval import evaluate_context, table
 
+    _check_out(args.out)
     results = evaluate_context(
         args.out,
         model=args.model,

@@ -358,3 +358,18 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(
         accumulator.Reload()
         logged += accumulator.Tags()["scalars"]
     assert "eval/humaneval_pass@1" in logged
+
+
+@pytest.mark.parametrize("benchmark", ["humaneval", "infill", "context"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(benchmark, tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    monkeypatch.setattr("finetune.generate.load_for_generation", pytest.fail)  # nothing loads
+    command = ["eval", benchmark, "--model", str(tmp_path), "--out", str(out)]
+    command += ["--code", str(tmp_path), "--seq-len", "64"] if benchmark == "context" else []
+    with pytest.raises(SystemExit) as caught:
+        main(command)
+    assert (
+        str(caught.value)
+        == f"replit-ft eval: --out {out}: exists and is not a folder; give a folder"
+    )
