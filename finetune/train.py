@@ -48,7 +48,8 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
 from data_prep.files import is_disk_full, write_atomic
 from data_prep.prepare import Prepared, prepare
@@ -186,7 +187,10 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     trainer.remove_callback(ProgressCallback)
     started = time.perf_counter()
     resume = str(plan.resume_from) if plan.resume_from else None
-    trainer.train(resume_from_checkpoint=resume)
+    if plan.resume_from is not None and _step_of(plan.resume_from) == cfg.max_steps:
+        trainer.load_last_checkpoint(plan.resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
     trainer.save_model(str(run.adapter))
@@ -381,6 +385,23 @@ class KitTrainer(Trainer):
                 f"no space left on the device while writing {checkpoint}: free some space, then "
                 "continue with train.resume=true (the incomplete checkpoint is skipped)"
             ) from None
+
+    def load_last_checkpoint(self, checkpoint: Path) -> None:
+        """The weights and state of the checkpoint at `max_steps`, without training.
+
+        transformers' loop, resumed at `max_steps`, runs one step more: a run killed after
+        its last checkpoint (while writing its adapter, or in its HumanEval) then ends with
+        another adapter than the one it trained. Sharded models are loaded once prepared,
+        by that loop only, so under FSDP or DeepSpeed this is refused.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise RecipeError(
+                f"train.resume=true: the run stopped after its last checkpoint {checkpoint}; "
+                "under FSDP or DeepSpeed the kit cannot finish it without a training step: "
+                f"give train.max_steps={self.args.max_steps + 1}"
+            )
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Load them, then set the learning rate from the schedule of this run's `max_steps`.
