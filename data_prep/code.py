@@ -7,7 +7,6 @@ data report can say what was left out and why.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat
@@ -208,10 +207,10 @@ def _root(path: str | Path) -> _Root:
     if not path.exists():
         pattern = str(path)
         if not _is_glob(pattern):
-            raise FileNotFoundError(errno.ENOENT, "no such file or folder", pattern)
+            raise FileNotFoundError(f"{pattern}: no such file or folder")
         return _glob_root(pattern)
     if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
-        raise PermissionError(errno.EACCES, "cannot read", str(path))
+        raise PermissionError(f"{path}: cannot read it (permission denied)")
     if path.is_dir():
         return _Root(path)
     return _Root(path.parent, named=path.name)
@@ -224,7 +223,7 @@ def _glob_root(pattern: str) -> _Root:
         fixed += 1
     base = Path(*parts[:fixed])
     if not base.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no files match", pattern)
+        raise FileNotFoundError(f"{pattern}: no files match")
     return _Root(base, pattern=parts[fixed:])
 
 
@@ -238,7 +237,7 @@ def _root_files(root: _Root, follow_links: bool, skip: Callable[[str, str], None
     pattern = list(root.pattern)
     files = [rel for rel in files if _glob_match(pattern, rel.split("/"))]
     if not files:
-        raise FileNotFoundError(errno.ENOENT, "no files match", str(root.base.joinpath(*pattern)))
+        raise FileNotFoundError(f"{root.base.joinpath(*pattern)}: no files match")
     return files
 
 

@@ -209,14 +209,20 @@ def collect(config: PrepConfig) -> tuple[list[Document], list[bool], list[dict[s
     sources: list[dict[str, Any]] = []
     skipped = Skipped()
     if config.code:
-        corpus = collect_code(
-            config.code,
-            include=config.include,
-            exclude=config.exclude,
-            max_file_bytes=config.max_file_bytes,
-            path_header=config.path_header,
-            follow_links=config.follow_links,
-        )
+        try:
+            corpus = collect_code(
+                config.code,
+                include=config.include,
+                exclude=config.exclude,
+                max_file_bytes=config.max_file_bytes,
+                path_header=config.path_header,
+                follow_links=config.follow_links,
+            )
+        except (FileNotFoundError, PermissionError) as err:  # a path given, missing or locked
+            raise type(err)(
+                f"data.code: {err}: point data.code (or --code) at your code's folders, files "
+                "or globs"
+            ) from None
         documents += corpus.documents
         _add_skips(skipped, "code", corpus.skipped)
         sources.append(
@@ -229,9 +235,12 @@ def collect(config: PrepConfig) -> tuple[list[Document], list[bool], list[dict[s
     examples = [False] * len(documents)
     template = Template.from_dict(config.template)
     for source in config.instructions:
-        found = load_instructions(
-            source, format=config.format, template=template, skip_bad=config.skip_bad
-        )
+        try:
+            found = load_instructions(
+                source, format=config.format, template=template, skip_bad=config.skip_bad
+            )
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data.instructions: {err}") from None
         documents += found.documents
         examples += [True] * len(found.documents)
         _add_skips(skipped, "instructions", found.skipped)

@@ -18,7 +18,7 @@ from typing import Any
 from peft.utils.other import get_pattern_key
 from transformers import MptConfig
 
-from finetune.run_folder import RECORD, RunFolderError, read_record
+from finetune.run_folder import RECORD, RunFolder, RunFolderError, read_record
 from model.checkpoint import (
     expected_shapes,
     read_config,
@@ -72,12 +72,19 @@ def check_adapter(adapter: str | os.PathLike, base: str | os.PathLike | None = N
     one matches, and fails deep inside torch on a shape mismatch.
     """
     path = Path(adapter)
+    if path.is_file():
+        folder = f": {path.parent}" if (path.parent / ADAPTER_CONFIG).is_file() else ""
+        raise NotADirectoryError(
+            f"{path}: a file; an adapter is the folder that holds {ADAPTER_CONFIG}{folder}"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such adapter folder")
     config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     for file in (config_file, weights):
         if not file.is_file():
-            raise FileNotFoundError(f"{file}: missing (a peft adapter folder holds it)")
+            inside = RunFolder(path).adapter
+            run = f"; {path} is a run folder: its adapter is {inside}" if inside.is_dir() else ""
+            raise FileNotFoundError(f"{file}: missing (a peft adapter folder holds it){run}")
     config = _read_json(config_file)
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{config_file}: peft_type is {config.get('peft_type')!r}, not 'LORA'")

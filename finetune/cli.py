@@ -137,7 +137,6 @@ def generate(args: argparse.Namespace) -> None:
         check_options,
         fim_settings,
         load_for_generation,
-        read_prompts,
     )
     from finetune.generate import generate as complete
 
@@ -154,8 +153,8 @@ def generate(args: argparse.Namespace) -> None:
         check_options(**settings)
     except OptionError as err:
         raise ValueError(f"{_flag(err.option)} {err.problem}") from None
-    prompts = read_prompts(args.prompt_file) if args.prompt_file else args.prompt
-    suffix = read_prompts(args.suffix_file, key="suffix") if args.suffix_file else args.suffix
+    prompts = _read_prompts(args.prompt_file, "prompt") if args.prompt_file else args.prompt
+    suffix = _read_prompts(args.suffix_file, "suffix") if args.suffix_file else args.suffix
     folder = args.adapter or args.model  # where train or merge recorded the FIM settings
     fim = fim_settings(folder) if suffix is not None and folder else None
     model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)
@@ -169,6 +168,16 @@ def generate(args: argparse.Namespace) -> None:
 
     complete(model, tokenizer, prompts, suffix=suffix, fim=fim, **settings, on_text=show)
     print()
+
+
+def _read_prompts(file: str, key: str) -> list[str]:
+    """The prompts or suffixes of --prompt-file / --suffix-file; errors name the option."""
+    from finetune.generate import read_prompts
+
+    try:
+        return read_prompts(file, key=key)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--{key}-file {err}") from None
 
 
 def _flag(name: str) -> str:
@@ -188,6 +197,7 @@ def eval_humaneval(args: argparse.Namespace) -> None:
     """HumanEval pass@k of a model (or adapter), or of a samples file; results in --out."""
     from finetune.humaneval import Decoding, evaluate
 
+    _check_out(args.out)
     if (args.samples is None) == (args.model is None and args.adapter is None):
         raise ValueError("score a samples file (--samples FILE) or a model (--model/--adapter)")
     decoding = Decoding(
@@ -224,6 +234,7 @@ def eval_infill(args: argparse.Namespace) -> None:
     from finetune.generate import OptionError
     from finetune.humaneval_infill import evaluate_infill
 
+    _check_out(args.out)
     try:
         results = evaluate_infill(
             args.out,
@@ -246,6 +257,13 @@ def eval_infill(args: argparse.Namespace) -> None:
     )
 
 
+def _check_out(out: str) -> None:
+    """An evaluation's --out is a folder (made when missing): a file there is refused now,
+    not after the generation."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; give a folder")
+
+
 def _sandbox(args: argparse.Namespace):
     """The sandbox of `eval humaneval` and `eval infill`, from their shared options."""
     from finetune.sandbox import Limits, Sandbox
@@ -263,6 +281,7 @@ def eval_context(args: argparse.Namespace) -> None:
     """Mean next-token loss by position bucket; context.json and context.png in --out."""
     from finetune.context_eval import evaluate_context, table
 
+    _check_out(args.out)
     results = evaluate_context(
         args.out,
         model=args.model,

@@ -48,7 +48,10 @@ def windows_from_code(
     from data_prep.code import collect_code
     from data_prep.tokens import encode_documents
 
-    corpus = collect_code(paths)
+    try:
+        corpus = collect_code(paths)
+    except (FileNotFoundError, PermissionError) as err:  # a path given, missing or locked
+        raise type(err)(f"--code: {err}") from None
     if not corpus.documents:
         raise ValueError(f"no code files under {', '.join(paths)}")
     rows, longest = [], 0

@@ -70,8 +70,9 @@ def load_for_generation(
         if model is None:
             raise ValueError("name a model, or an adapter (whose base is then used)")
         path = resolve_checkpoint(model)
+        config = read_config(path)  # first: a folder that is no checkpoint says so
         tokenizer = load_tokenizer(path)
-        _check_vocab(path, tokenizer, read_config(path).vocab_size)
+        _check_vocab(path, tokenizer, config.vocab_size)
         loaded = load_model(
             path, quantization=quantization, max_seq_len=max_seq_len, attn_impl=attn_impl
         )
@@ -392,6 +393,9 @@ def read_prompts(file: str | os.PathLike, key: str = "prompt") -> list[str]:
     error naming the file (and the line).
     """
     path = Path(file)
+    if not path.is_file():
+        problem = "a folder, not a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{path}: {problem}")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")

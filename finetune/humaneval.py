@@ -108,6 +108,8 @@ def read_samples(path: str | os.PathLike, problems: Sequence[dict[str, Any]]) ->
     JSON object with a known task_id and a string completion is an error naming its line.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'a folder, not a' if path.is_dir() else 'no such'} file")
     known = {p["task_id"] for p in problems}
     opener = gzip.open if path.suffix == ".gz" else open
     samples = []

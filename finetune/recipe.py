@@ -157,7 +157,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     """Read, resolve and check a recipe file with `key.sub=value` overrides (values are YAML)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such recipe file")
+        problem = "a folder, not a recipe file" if path.is_dir() else "no such recipe file"
+        raise FileNotFoundError(f"{path}: {problem} (the kit's recipes are recipes/*.yaml)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -246,6 +247,8 @@ def _override(raw: dict[str, Any], item: str, origins: dict[tuple[str, ...], str
     *parents, leaf = key.split(".")
     node = raw
     for depth, part in enumerate(parents):
+        if part not in node:  # a section the override brings: errors about it name the override
+            origins[tuple(parents[: depth + 1])] = f"override {item!r}"
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: {'.'.join(parents[: depth + 1])} is no section")

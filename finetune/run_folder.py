@@ -114,7 +114,8 @@ class RunFolder:
         if foreign:
             raise RunFolderError(
                 f"train.output_dir {self.path} holds {', '.join(foreign[:5])}, which no run "
-                "writes; choose an empty or new train.output_dir"
+                "writes (and so train.overwrite=true would not remove); move them out of it, or "
+                "choose an empty or new train.output_dir"
             )
         if self.holds_run() and not overwrite:
             raise RunFolderError(
@@ -126,7 +127,7 @@ class RunFolder:
     def clear(self) -> None:
         """Remove an earlier run's files (what `overwrite` replaces); the data stays."""
         for entry in self.path.iterdir() if self.path.is_dir() else ():
-            if entry.name == DATA or not self._owns(entry):
+            if _is_data(entry.name) or not self._owns(entry):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -135,7 +136,8 @@ class RunFolder:
 
     def _owns(self, entry: Path) -> bool:
         return (
-            entry.name in (*_RUN_FILES, DATA)
+            entry.name in _RUN_FILES
+            or _is_data(entry.name)
             or bool(CHECKPOINT.fullmatch(entry.name))
             or bool(_TEMPORARY.fullmatch(entry.name))
         )
@@ -171,6 +173,12 @@ class RunFolder:
         for c in dropped:
             shutil.rmtree(c)
         return dropped
+
+
+def _is_data(name: str) -> bool:
+    """`data/`, or what prep keeps beside it: its lock `.data.lock` and its temporary folders
+    `.data.KIND-HOST-PID` (data_prep.prepare), which may belong to a prep still running."""
+    return name == DATA or name.startswith(f".{DATA}.")
 
 
 def _step(checkpoint: Path) -> int:

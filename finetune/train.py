@@ -48,7 +48,8 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
 from data_prep.files import is_disk_full, write_atomic
 from data_prep.prepare import Prepared, prepare
@@ -67,6 +68,7 @@ from finetune.report import write_report
 from finetune.run_folder import (
     RunFolder,
     read_json,
+    read_record,
     seal_checkpoint,
     write_json,
     write_record,
@@ -83,6 +85,7 @@ class Plan:
 
     resume_from: Path | None
     data_fingerprint: str | None  # the run's data, when resuming: the data must not change
+    finished: bool = False  # resuming a run that already wrote its adapter at max_steps
 
 
 def train(recipe: Recipe, *, quiet: bool = False) -> Path:
@@ -106,6 +109,12 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
         prepared[0] = prepare(recipe.data, progress=not quiet, expect=plan.data_fingerprint)
         say(data_summary(prepared[0]))
     broadcast_object_list(prepared)
+    if plan.finished:  # transformers' loop, resumed at max_steps, would train one step more
+        say(
+            f"resume: the run in {run.path} already ran its train.max_steps={cfg.max_steps} "
+            f"steps: nothing to do. Its adapter: {run.adapter} (raise train.max_steps to train on)"
+        )
+        return run.adapter
     data = prepared[0].load()
     data.set_format("torch")
 
@@ -178,12 +187,17 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     trainer.remove_callback(ProgressCallback)
     started = time.perf_counter()
     resume = str(plan.resume_from) if plan.resume_from else None
-    trainer.train(resume_from_checkpoint=resume)
+    if plan.resume_from is not None and _step_of(plan.resume_from) == cfg.max_steps:
+        trainer.load_last_checkpoint(plan.resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     digests = _gather(adapter_digest(get_peft_model_state_dict(model)))
     trainer.save_model(str(run.adapter))
     if sandbox is not None:
-        pass_at_1 = _humaneval(model, recipe, sandbox, run.humaneval, digests[0])
+        pass_at_1 = _humaneval(
+            model, recipe, sandbox, run.humaneval, digests[0], progress=not quiet
+        )
         trainer.log({"eval_humaneval_pass@1": pass_at_1})  # TensorBoard: eval/humaneval_pass@1
     if main:
         history = trainer.state.log_history
@@ -287,6 +301,16 @@ def plan_run(run: RunFolder, recipe: Recipe, processes: int, say) -> Plan:
     for key, old, new in changed:
         say(f"resume: {key} {old!r} -> {new!r}")
     checkpoint = run.newest_complete_checkpoint(say)
+    step = _step_of(checkpoint)
+    if step > cfg.max_steps:
+        raise RecipeError(
+            f"train.resume=true: {checkpoint} is past train.max_steps={cfg.max_steps}, and a run "
+            f"cannot be shortened: give train.max_steps={step} or more, or start a new run "
+            "(another train.output_dir, or train.overwrite=true)"
+        )
+    record = read_record(run.adapter) if step == cfg.max_steps else None
+    if record is not None and record.get("summary", {}).get("steps") == step:
+        return Plan(checkpoint, info.get("data_fingerprint"), finished=True)
     say(f"resume: from {checkpoint}" if checkpoint else "resume: no complete checkpoint, step 0")
     return Plan(checkpoint, info.get("data_fingerprint"))
 
@@ -362,6 +386,23 @@ class KitTrainer(Trainer):
                 "continue with train.resume=true (the incomplete checkpoint is skipped)"
             ) from None
 
+    def load_last_checkpoint(self, checkpoint: Path) -> None:
+        """The weights and state of the checkpoint at `max_steps`, without training.
+
+        transformers' loop, resumed at `max_steps`, runs one step more: a run killed after
+        its last checkpoint (while writing its adapter, or in its HumanEval) then ends with
+        another adapter than the one it trained. Sharded models are loaded once prepared,
+        by that loop only, so under FSDP or DeepSpeed this is refused.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise RecipeError(
+                f"train.resume=true: the run stopped after its last checkpoint {checkpoint}; "
+                "under FSDP or DeepSpeed the kit cannot finish it without a training step: "
+                f"give train.max_steps={self.args.max_steps + 1}"
+            )
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(checkpoint / TRAINER_STATE_NAME))
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Load them, then set the learning rate from the schedule of this run's `max_steps`.
 
@@ -382,7 +423,9 @@ def _humaneval_sandbox():
     return Sandbox()
 
 
-def _humaneval(model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str) -> float:
+def _humaneval(
+    model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str, *, progress: bool
+) -> float:
     """Greedy pass@1 of the trained model on the first train.eval_humaneval problems.
 
     The adapter's digest tells a journal of this adapter (the eval of a run killed while it
@@ -398,7 +441,9 @@ def _humaneval(model, recipe: Recipe, sandbox, out: Path, adapter_sha256: str) -
     }
     tokenizer = load_tokenizer(recipe.model.name)
     limit = recipe.train.eval_humaneval
-    results = evaluate_loaded(out, sandbox, model, tokenizer, about, limit=limit, restart=True)
+    results = evaluate_loaded(
+        out, sandbox, model, tokenizer, about, limit=limit, restart=True, progress=progress
+    )
     return results["pass@1"]
 
 

@@ -86,3 +86,5 @@ def test_command_line(tiny_checkpoint, tmp_path, capsys):
     assert "     0-63" in table and "    64-127" in table and "context.json" in table
     with pytest.raises(SystemExit, match="replit-ft eval: no file under .* has 100000 tokens"):
         main([*command, "--code", CODE, "--seq-len", "100000"])
+    with pytest.raises(SystemExit, match=r"^replit-ft eval: --code: \S*nowhere: no such file or"):
+        main([*command, "--code", str(tmp_path / "nowhere"), "--seq-len", "128"])

@@ -333,6 +333,22 @@ def test_cli_prep_prints_a_summary(tmp_path, sources, real_tokenizer_dir, capsys
     assert "reused" in capsys.readouterr().out
 
 
+def test_cli_prep_names_a_missing_input_and_its_key(tmp_path, real_tokenizer_dir):
+    argv = ["prep", "--tokenizer", str(real_tokenizer_dir), "--out", str(tmp_path / "out")]
+    for given, problem in [("nowhere", "no such file or folder"), ("no/*.py", "no files match")]:
+        with pytest.raises(SystemExit) as caught:
+            cli([*argv, "--code", str(tmp_path / given)])
+        assert str(caught.value) == (
+            f"replit-ft prep: data.code: {tmp_path / given}: {problem}: point data.code (or "
+            "--code) at your code's folders, files or globs"
+        )
+    with pytest.raises(SystemExit) as caught:
+        cli([*argv, "--instructions", str(tmp_path / "nope.jsonl")])
+    assert str(caught.value) == (
+        f"replit-ft prep: data.instructions: {tmp_path / 'nope.jsonl'}: no such file"
+    )
+
+
 def test_summary_names_the_first_skipped_files_and_the_manifest_all(tmp_path, real_tokenizer_dir):
     folder = tmp_path / "code"
     folder.mkdir()

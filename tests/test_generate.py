@@ -258,8 +258,24 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, name, content, message):
     with pytest.raises(ValueError, match=message):
         read_prompts(tmp_path / name)
     command = ["generate", "--model", str(tmp_path), "--prompt-file", str(tmp_path / name)]
-    with pytest.raises(SystemExit, match=rf"^replit-ft generate: .*{message}"):
+    with pytest.raises(SystemExit, match=rf"^replit-ft generate: --prompt-file .*{message}"):
         main(command)
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_by_its_missing_config(tmp_path):
+    (tmp_path / "adapter").mkdir()  # a run folder, say: no config.json, no spiece.model
+    with pytest.raises(SystemExit, match=rf"^replit-ft generate: {tmp_path}/config.json: missing"):
+        main(["generate", "--model", str(tmp_path), "--prompt", "x"])
+
+
+@pytest.mark.parametrize("flag", ["--prompt-file", "--suffix-file"])
+def test_a_missing_prompt_or_suffix_file_is_named_with_its_option(tmp_path, flag):
+    command = ["generate", "--model", str(tmp_path)]
+    command += ["--prompt", "x"] if flag == "--suffix-file" else []
+    for given, problem in [(tmp_path / "nope.jsonl", "no such file"), (tmp_path, "a folder")]:
+        with pytest.raises(SystemExit) as caught:
+            main([*command, flag, str(given)])
+        assert str(caught.value).startswith(f"replit-ft generate: {flag} {given}: {problem}")
 
 
 def test_tokenizer_of_another_vocabulary_is_refused(real_tokenizer_dir, tmp_path):

@@ -123,6 +123,11 @@ def test_bad_sample_files_name_the_line(problems, tmp_path):
             read_samples(tmp_path / "s.jsonl", problems)
     with pytest.raises(SystemExit, match="replit-ft eval: .*s.jsonl: no samples"):
         main(["eval", "humaneval", "--samples", str(tmp_path / "s.jsonl"), "--out", "x"])
+    missing = [(tmp_path / "nope.jsonl", "no such file"), (tmp_path, "a folder, not a file")]
+    for given, problem in missing:
+        with pytest.raises(SystemExit) as caught:
+            main(["eval", "humaneval", "--samples", str(given), "--out", str(tmp_path / "x")])
+        assert str(caught.value) == f"replit-ft eval: {given}: {problem}"
 
 
 def test_settings_that_make_no_sense_are_refused():
@@ -317,7 +322,9 @@ def test_a_second_process_evaluating_into_the_same_folder_is_refused(base, tmp_p
     assert json.loads((out / "results.json").read_text())["problems"] == 1
 
 
-def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, real_tokenizer_dir):
+def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(
+    tmp_path, real_tokenizer_dir, capsys
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from finetune.recipe import load_recipe
@@ -336,7 +343,10 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, r
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(ValueError, match="train.eval_humaneval: must be at most 164, got 165"):
         load_recipe(tmp_path / "recipe.yaml", ["train.eval_humaneval=165"])
-    run = train(load_recipe(tmp_path / "recipe.yaml", ["train.eval_humaneval=1"])).parent
+    run = train(load_recipe(tmp_path / "recipe.yaml", ["train.eval_humaneval=1"]), quiet=True)
+    captured = capsys.readouterr()
+    assert "%|" not in captured.out + captured.err  # --quiet: the evaluation's bars too
+    run = run.parent
     summary = json.loads((run / "metrics.json").read_text())["summary"]
     assert summary["humaneval_pass@1"] == 0.0 and summary["humaneval_problems"] == 1
     results = json.loads((run / "humaneval" / "results.json").read_text())
@@ -348,3 +358,18 @@ def test_training_ends_with_pass_at_1_in_the_summary_and_tensorboard(tmp_path, r
         accumulator.Reload()
         logged += accumulator.Tags()["scalars"]
     assert "eval/humaneval_pass@1" in logged
+
+
+@pytest.mark.parametrize("benchmark", ["humaneval", "infill", "context"])
+def test_an_out_that_is_a_file_is_refused_before_any_work(benchmark, tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    out.write_text("{}")
+    monkeypatch.setattr("finetune.generate.load_for_generation", pytest.fail)  # nothing loads
+    command = ["eval", benchmark, "--model", str(tmp_path), "--out", str(out)]
+    command += ["--code", str(tmp_path), "--seq-len", "64"] if benchmark == "context" else []
+    with pytest.raises(SystemExit) as caught:
+        main(command)
+    assert (
+        str(caught.value)
+        == f"replit-ft eval: --out {out}: exists and is not a folder; give a folder"
+    )

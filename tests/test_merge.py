@@ -221,6 +221,23 @@ def test_missing_adapter_file_is_named(adapter, tmp_path, missing):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_file_or_a_run_folder_given_as_adapter_points_to_the_adapter(adapter, tmp_path):
+    """Two slips a user makes: a file of the adapter, and the run folder that holds it."""
+    file = adapter / "adapter_model.safetensors"
+    with pytest.raises(NotADirectoryError) as caught:
+        check_adapter(file)
+    assert str(caught.value) == (
+        f"{file}: a file; an adapter is the folder that holds adapter_config.json: {adapter}"
+    )
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run / "adapter")
+    command = ["merge", "--adapter", str(run), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as caught:
+        main(command)
+    assert str(caught.value).endswith(f"{run} is a run folder: its adapter is {run / 'adapter'}")
+    assert not (tmp_path / "out").exists()
+
+
 def test_adapter_named_for_another_copy_of_the_base_warns(base, adapter, tmp_path):
     copy = shutil.copytree(base, tmp_path / "copy")
     with pytest.warns(UserWarning, match=f"trained on {base}; applying it to {copy}"):

@@ -96,7 +96,11 @@ def test_a_bad_recipe_names_file_line_and_key(tmp_path, text, message):
             "train.max_steps=-5",
             r"override 'train\.max_steps=-5': train\.max_steps: must be at least 1",
         ),
-        ("model.generation.top_p=1.5", r"model\.generation: unknown key"),
+        (
+            "model.generation.top_p=1.5",
+            r"^override 'model\.generation\.top_p=1\.5': model\.generation: unknown key",
+        ),
+        ("trian.lr=1", r"^override 'trian\.lr=1': trian: unknown key \(did you mean train\?\)"),
         (
             "lora.targets=[Wqkv, mlp_down]",
             r"lora\.targets: 'mlp_down' is not one of .*first release",
@@ -109,6 +113,13 @@ def test_a_bad_recipe_names_file_line_and_key(tmp_path, text, message):
 def test_a_bad_override_is_named(tmp_path, override, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write(tmp_path, GOOD), [override])
+
+
+def test_a_missing_recipe_or_a_folder_is_named(tmp_path):
+    for given, problem in [(tmp_path / "nope.yaml", "no such recipe file"), (tmp_path, "a folder")]:
+        with pytest.raises(SystemExit) as caught:
+            cli(["train", str(given)])
+        assert str(caught.value).startswith(f"replit-ft train: {given}: {problem}")
 
 
 def test_every_key_is_documented_and_listed_by_replit_ft_keys(capsys):

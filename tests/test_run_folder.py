@@ -55,6 +55,30 @@ def test_overwrite_never_removes_what_no_run_writes(tmp_path):
     assert (tmp_path / "data" / "manifest.json").is_file()
 
 
+def test_what_prep_leaves_beside_the_data_is_no_run_and_overwrite_keeps_it(
+    tmp_path, real_tokenizer_dir
+):
+    """`replit-ft prep RECIPE` writes data/ and its lock beside it; then `train RECIPE` starts,
+    and `train.overwrite=true` keeps both, and a prep's temporary folder (it may be running)."""
+    from data_prep.prepare import PrepConfig, prepare
+    from data_prep.settings import build
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("def f(x):\n    return x\n" * 20)
+    run = RunFolder(tmp_path / "run")
+    settings = {"code": [str(tmp_path / "src")], "tokenizer": str(real_tokenizer_dir)}
+    prepare(build(PrepConfig, settings | {"out": str(run.data), "seq_len": 64}), progress=False)
+    (run.path / ".data.tmp-otherhost-123").mkdir()  # another host's prep, still writing
+    kept = sorted(p.name for p in run.path.iterdir())
+    assert len(kept) > 2  # prep's lock file at least: there is something to keep
+    run.check_fresh(overwrite=False)
+    fake_checkpoint(run, 2)
+    (run.path / "recipe.yaml").write_text("train: {}")
+    run.check_fresh(overwrite=True)
+    run.clear()
+    assert sorted(p.name for p in run.path.iterdir()) == kept
+
+
 @pytest.mark.parametrize("name", ["optimizer.pt", "trainer_state.json", "rng_state.pth"])
 def test_a_truncated_file_unseals_its_checkpoint_and_the_previous_one_is_used(tmp_path, name):
     run = RunFolder(tmp_path)

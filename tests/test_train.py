@@ -217,6 +217,35 @@ def test_sigkill_of_an_overwriting_run_then_resume_matches_an_uninterrupted_run(
     assert losses(crashed / "run") == losses(straight / "run")
 
 
+def test_resuming_a_finished_run_trains_no_step_more(tmp_path, finished, capsys):
+    """transformers' loop, resumed at max_steps, runs one step more (9 of 8, then 10...)."""
+    recipe = copy_of(finished, tmp_path)
+    before = snapshot(tmp_path)
+    adapter = train(load_recipe(recipe, ["train.resume=true"]), quiet=True)
+    assert adapter == tmp_path / "run" / "adapter"
+    assert "already ran its train.max_steps=8 steps: nothing to do" in capsys.readouterr().out
+    assert snapshot(tmp_path) == before
+    with pytest.raises(RecipeError, match=r"checkpoint-8 is past train.max_steps=6, .* or more"):
+        train(load_recipe(recipe, ["train.resume=true", "train.max_steps=6"]))
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_killed_after_its_last_checkpoint_ends_with_the_adapter_it_trained(
+    tmp_path, finished
+):
+    """Killed while writing its adapter (or in its HumanEval): resuming trains no step more."""
+    recipe = copy_of(finished, tmp_path)
+    run = tmp_path / "run"
+    for name in ("adapter", "metrics.json", "loss.png"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    train(load_recipe(recipe, ["train.resume=true"]), quiet=True)
+    assert summary(run)["steps"] == 8 and summary(run)["resumed_from"].endswith("checkpoint-8")
+    assert not (run / "checkpoint-9").exists()
+    a, b = adapter_tensors(finished / "run"), adapter_tensors(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert losses(run) == losses(finished / "run")
+
+
 def test_a_fresh_run_into_an_earlier_run_is_refused_and_writes_nothing(tmp_path, finished):
     recipe = copy_of(finished, tmp_path)
     before = snapshot(tmp_path)
