@@ -155,6 +155,12 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError(f"{_flag(err.option)} {err.problem}") from None
     prompts = _read_prompts(args.prompt_file, "prompt") if args.prompt_file else args.prompt
     suffix = _read_prompts(args.suffix_file, "suffix") if args.suffix_file else args.suffix
+    if suffix is not None and len(suffix) != len(prompts):
+        given = "--suffix-file" if args.suffix_file else "--suffix"
+        raise ValueError(
+            f"{given}: {len(suffix)} suffix(es) for {len(prompts)} prompt(s); give one suffix "
+            "per prompt, in the same order"
+        )
     folder = args.adapter or args.model  # where train or merge recorded the FIM settings
     fim = fim_settings(folder) if suffix is not None and folder else None
     model, tokenizer = load_for_generation(args.model, args.adapter, attn_impl=args.attn_impl)

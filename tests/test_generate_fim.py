@@ -154,8 +154,10 @@ def test_command_line(checkpoint, tmp_path, capsys):
     file.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     main([*command, "--prompt-file", str(file), "--suffix-file", str(file)])
     assert capsys.readouterr().out == "\n---\n".join(want) + "\n"
-    with pytest.raises(SystemExit, match=r"one suffix per prompt \(2\)"):
+    with pytest.raises(SystemExit, match=r"--suffix: 1 suffix\(es\) for 2 prompt\(s\)"):
         main([*command, "--prompt-file", str(file), "--suffix", "x"])
+    with pytest.raises(SystemExit, match=r"--suffix-file: 2 suffix\(es\) for 1 prompt\(s\)"):
+        main([*command, "--prompt", "x", "--suffix-file", str(file)])
 
 
 def test_settings_come_from_the_model_or_adapter_folder(checkpoint, tmp_path, capsys):
