@@ -20,7 +20,7 @@ DIR/gpu.json as soon as it is taken, and tables printed as they come:
    against eager in fp32 (the full-size check of the block mask built from documents).
 5. `levers`, each against the `micro` run of the same shape: `sdpa` (what `auto` choosing
    sdpa for short rows would give; 1x2048, 4x2048), `no_ckpt` (activation checkpointing
-   off: no recompute, every activation kept; each `micro` shape), `bf16_blocks` and
+   off: no recompute, every activation kept; 1x2048, 4x2048), `bf16_blocks` and
    `bf16_residual` (activations in bf16 inside the blocks; and in the residual stream),
    `fused_lora` and `fused_lora_w` (each LoRA projection as one autograd node; and keeping
    its dequantized weight for backward), `keep_attn` (selective checkpointing keeping
@@ -93,7 +93,7 @@ SHAPES = {
         "micro": [(1, 2048), (4, 2048), (1, 16 * K)],
         "baseline": [(1, 2048), (4, 2048)],
         "sdpa": [(1, 2048), (4, 2048)],
-        "no_ckpt": [(1, 2048), (4, 2048), (1, 16 * K)],
+        "no_ckpt": [(1, 2048), (4, 2048)],  # 1 x 16384 would keep ~97 GB (bench/levers.py)
         "levers": [(4, 2048), (1, 16 * K)],
         "yardstick": (4, 2048),
         "ladder": [16 * K, 32 * K, 64 * K, 128 * K, 256 * K, 384 * K],
@@ -103,7 +103,7 @@ SHAPES = {
         "micro": [(1, 256), (4, 256), (1, 1024)],
         "baseline": [(1, 256), (4, 256)],
         "sdpa": [(1, 256), (4, 256)],
-        "no_ckpt": [(1, 256), (4, 256), (1, 1024)],
+        "no_ckpt": [(1, 256), (4, 256)],
         "levers": [(4, 256), (1, 1024)],
         "yardstick": (4, 256),
         "ladder": [1024, 2048, 4096],

@@ -13,27 +13,30 @@ the library, until a measurement shows one faster at equal losses.
   the qkv projection, but not attention, whose output and saved inputs (q, k, v, and
   the log-sum-exp) are kept: about 4 more L x d_model bf16 tensors per block.
 - `checkpointing_off`: no activation checkpointing at all. A step then does 4N FLOPs per
-  token instead of 6N (no recomputed forward) and keeps every block's activations, about
-  114 KB per token per block at full width (counted on CPU, leaving out sdpa's L x L
-  tensor, which flex does not save): ~3.6 MB per token over 32 blocks, so a 4 x 2048
-  micro-batch fits an 80 GB card easily and 1 x 16384 only just. The recipes can already turn it off
-  (`train.gradient_checkpointing: false`); measured here, it tells which rows should.
+  token instead of 6N (no recomputed forward) and keeps every block's activations:
+  186 KB per token per block at full width with LoRA dropout 0.05, leaving out L x L
+  tensors, which flex does not save (bench/saved_bytes.py, on CPU). That is ~5.9 MB per
+  token over 32 blocks: a 4 x 2048 micro-batch (49 GB) fits an 80 GB card, 1 x 16384
+  does not. The recipes can already turn it off (`train.gradient_checkpointing: false`);
+  measured here, it tells which rows should.
 - `bf16_blocks`: the norms hand the autocast dtype on. Under autocast a LayerNorm returns
   fp32, and bitsandbytes casts each 4-bit matmul's output back to its input's dtype, so
   today a block's projections, LoRA sums and GELU all run on fp32 tensors (the FFN's
   L x 10240 ones included) although every matmul computes in bf16. Cast to bf16 after
   the norm, they stay bf16; the residual stream stays fp32. Without checkpointing a block
-  then keeps 104 KB per token instead of 114.
+  then keeps 165 KB per token instead of 186.
 - `bf16_residual`: `bf16_blocks`, and the embedding's output in bf16 too, so the residual
-  stream (the block inputs that checkpointing keeps: 10 KB per token per block in fp32)
-  is bf16 as well: with checkpointing, half the memory a long row keeps, at some precision.
-
+  stream (the block inputs that checkpointing keeps: 10.2 KB per token per block in fp32)
+  is bf16 as well: with checkpointing, half the memory a long row keeps (5.1 KB), at some
+  precision.
 - `fused_lora`: each LoRA layer on a 4-bit base (peft's `Linear4bit`) as one autograd
   node. peft + bitsandbytes run a LoRA projection as some ten kernels, most of them full
   passes over an L x width tensor: the input cast to bf16 and the output back to fp32, a
   defensive clone, dropout, the scaling, the sum. Here: the input cast once, the base
   matmul, the LoRA product added into its output by the same GEMM (`addmm_`), and a
-  backward that does the same in reverse; dropout draws the mask peft would draw.
+  backward that does the same in reverse; dropout draws the mask peft would draw, and what
+  it keeps for backward is bf16 (peft keeps the dropped-out fp32 input): 140 KB per token
+  per block without checkpointing instead of 186.
 - `fused_lora_w`: `fused_lora` keeping the dequantized weight for backward, so that with
   checkpointing each nf4 weight is dequantized twice per step instead of three times (for
   one block's bf16 weights held while that block's backward runs; without checkpointing,
