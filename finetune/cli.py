@@ -124,7 +124,9 @@ def export(args: argparse.Namespace) -> None:
         weight_type=args.type,
         overwrite=args.overwrite,
     )
-    print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB, {args.type})")
+    size = out.stat().st_size
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+    print(f"wrote {out} ({shown}, {args.type})")
 
 
 def generate(args: argparse.Namespace) -> None:

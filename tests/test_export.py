@@ -239,7 +239,7 @@ def test_fim_sentinels_from_replit_ft_json(merged, tmp_path):
     assert not (tmp_path / "bad.gguf").exists()
 
 
-def test_output_is_atomic_0644_and_not_overwritten(merged, gguf_f16, tmp_path, monkeypatch):
+def test_output_is_atomic_0644_and_not_overwritten(merged, gguf_f16, tmp_path, monkeypatch, capsys):
     assert gguf_f16.stat().st_mode & 0o777 == 0o644
     out = tmp_path / "m.gguf"
     out.write_text("mine")
@@ -262,6 +262,8 @@ def test_output_is_atomic_0644_and_not_overwritten(merged, gguf_f16, tmp_path, m
     monkeypatch.undo()
     main(["export", "gguf", "--model", str(merged), "--out", str(out), "--overwrite"])
     assert out.read_bytes() == gguf_f16.read_bytes()
+    size = f"({out.stat().st_size / 1e6:.1f} MB, f16)"
+    assert capsys.readouterr().out.strip().endswith(f"wrote {out} {size}")
 
 
 def test_refusals_name_the_problem(merged, adapter, tmp_path):
