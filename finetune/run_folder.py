@@ -9,6 +9,7 @@
     loss.png        train and evaluation loss per step, at the end
     humaneval/      HumanEval samples and results, with `train.eval_humaneval`
     adapter/        the trained LoRA adapter (peft) with `replit_ft.json`, its own record
+    .train.lock     held by the launch training here (flock: freed when it ends, however)
 
 This module is the one place that knows these names, what makes a checkpoint complete,
 and what may be removed: a fresh run refuses a folder that holds an earlier run, and
@@ -27,12 +28,13 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.files import fsync, write_atomic
+from data_prep.files import fsync, locked, write_atomic
 
 RECIPE = "recipe.yaml"
 RUN_INFO = "run.json"
@@ -45,6 +47,8 @@ HUMANEVAL = "humaneval"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 SEAL = "complete.json"
 RECORD = "replit_ft.json"  # in an adapter or merged folder: how it was trained
+_LOCKED = "train"  # data_prep.files.locked keeps the lock of a path beside it, as LOCK
+LOCK = f".{_LOCKED}.lock"
 
 _RUN_FILES = (RECIPE, RUN_INFO, METRICS, PLOT, TENSORBOARD, ADAPTER, HUMANEVAL)
 # write_atomic's temporary files, left by a run that was killed while writing one
@@ -104,6 +108,21 @@ class RunFolder:
         """Whether an earlier run (started, finished or killed) left anything here."""
         return any((self.path / name).exists() for name in _RUN_FILES) or bool(self.checkpoints())
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the folder's lock while inside; refuse if another launch trains here."""
+
+        def refuse(lock: Path) -> None:
+            raise RunFolderError(
+                f"train.output_dir {self.path}: another launch is training here (it holds "
+                f"{lock}); wait for it to end, or choose another train.output_dir"
+            )
+
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"train.output_dir {self.path} exists and is not a folder")
+        with locked(self.path / _LOCKED, on_busy=refuse):
+            yield
+
     def check_fresh(self, overwrite: bool) -> None:
         """Refuse to start a fresh run over an earlier one (or over files a run did not write)."""
         if not self.path.exists():
@@ -127,7 +146,7 @@ class RunFolder:
     def clear(self) -> None:
         """Remove an earlier run's files (what `overwrite` replaces); the data stays."""
         for entry in self.path.iterdir() if self.path.is_dir() else ():
-            if _is_data(entry.name) or not self._owns(entry):
+            if _is_data(entry.name) or entry.name == LOCK or not self._owns(entry):
                 continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -136,7 +155,7 @@ class RunFolder:
 
     def _owns(self, entry: Path) -> bool:
         return (
-            entry.name in _RUN_FILES
+            entry.name in (*_RUN_FILES, LOCK)
             or _is_data(entry.name)
             or bool(CHECKPOINT.fullmatch(entry.name))
             or bool(_TEMPORARY.fullmatch(entry.name))

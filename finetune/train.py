@@ -23,6 +23,7 @@ printing, and the summary and plot.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -97,8 +98,21 @@ def train(recipe: Recipe, *, quiet: bool = False) -> Path:
     check_environment(recipe, device)
     state = PartialState(cpu=device.type == "cpu")
     main = state.is_main_process
-    say = _say if main else _silent
     run = RunFolder(Path(cfg.output_dir))
+    # One launch per run folder: a second one (a command run twice, a resume while the run
+    # still trains) would clear or interleave this one's checkpoints. Its main process holds
+    # the lock; a refused main process ends its launch.
+    with run.exclusive() if main else contextlib.nullcontext():
+        return _train(recipe, run, state, device, quiet=quiet)
+
+
+def _train(
+    recipe: Recipe, run: RunFolder, state: PartialState, device: torch.device, *, quiet: bool
+) -> Path:
+    """`train` once the run folder is this launch's."""
+    cfg = recipe.train
+    main = state.is_main_process
+    say = _say if main else _silent
     plan = plan_run(run, recipe, state.num_processes, say)
     # Before any work, so a machine that cannot sandbox generated code fails now, not after.
     sandbox = _humaneval_sandbox() if cfg.eval_humaneval and main else None

@@ -257,6 +257,17 @@ def test_a_fresh_run_into_an_earlier_run_is_refused_and_writes_nothing(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def test_a_second_launch_into_a_folder_in_training_is_refused(tmp_path, finished):
+    """What a command run twice, or a resume while the run still trains, would meet."""
+    recipe = load_recipe(copy_of(finished, tmp_path), ["train.resume=true"])
+    before = snapshot(tmp_path)
+    with RunFolder(tmp_path / "run").exclusive():  # the launch training there
+        with pytest.raises(RunFolderError, match="another launch is training here"):
+            train(recipe, quiet=True)
+        assert snapshot(tmp_path) == before
+    train(recipe, quiet=True)  # once it has ended: the finished run, nothing to do
+
+
 @pytest.mark.parametrize(
     "override, named",
     [
