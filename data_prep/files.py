@@ -63,26 +63,50 @@ def locked(target: Path, on_busy: Callable[[Path], None]) -> Iterator[None]:
 
     flock, not a lock folder: the kernel releases it when its holder dies, even by SIGKILL.
     When another process (or another open of the file) holds it, `on_busy(lock file)` is
-    called first: it raises to refuse, or returns to wait for the lock. Where the lock file
-    cannot be created (a folder this process may not write to) there is nothing to lock: a
-    process that cannot write there can only read.
+    called first: it raises to refuse, or returns to wait for the lock. The holder removes
+    the file before letting go, so that nothing is left beside `target` (a killed holder
+    leaves it, for the next one to reuse); whoever got the lock of a file removed meanwhile
+    takes the lock of the path again. Where the lock file cannot be created (a folder this
+    process may not write to) there is nothing to lock: a process that cannot write there
+    can only read.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     lock = target.with_name(f".{target.name}.lock")
-    try:
-        file = open(lock, "a")
-    except OSError as err:
-        if err.errno not in (errno.EACCES, errno.EROFS):
-            raise
-        yield
-        return
-    with file:
+    while True:
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            on_busy(lock)
-            fcntl.flock(file, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
+            file = open(lock, "a")
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EROFS):
+                raise
+            yield
+            return
+        try:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_busy(lock)
+                fcntl.flock(file, fcntl.LOCK_EX)
+            if _is_file_at(file, lock):
+                break
+        except BaseException:
+            file.close()
+            raise
+        file.close()
+    with file:  # closing it releases the lock
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+def _is_file_at(file, path: Path) -> bool:
+    """Whether the open `file` is still the file at `path` (not removed or replaced)."""
+    try:
+        at = path.stat()
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(file.fileno())
+    return (mine.st_dev, mine.st_ino) == (at.st_dev, at.st_ino)
 
 
 def fsync(path: str | os.PathLike) -> None:

@@ -28,7 +28,7 @@ from gguf import GGMLQuantizationType as Q
 from tqdm.auto import tqdm
 from transformers import MptConfig
 
-from data_prep.files import fsync
+from data_prep.files import fsync, locked, remove_stale_temporaries, temporary_path, umask
 from finetune.gguf_vocab import GGUFVocab, gguf_vocab
 from finetune.run_folder import RECORD, read_record
 from model.checkpoint import (
@@ -92,20 +92,30 @@ def export_gguf(
     out = Path(out)
     if out.is_dir():
         raise FileExistsError(f"{out}: is a folder; --out names the .gguf file to write")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; refusing to overwrite it (--overwrite replaces it)")
-    qtype, file_type, merge_dtype = TYPES[weight_type]
-    with _open_source(model, adapter, base, merge_dtype, progress) as source:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        try:
-            _write(tmp, source, qtype, file_type, progress)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    fsync(out.parent)
+
+    def busy(lock: Path) -> None:
+        raise FileExistsError(
+            f"{out}: another export is writing it (it holds {lock}); wait for it to end, or "
+            "choose another --out"
+        )
+
+    with locked(out, on_busy=busy):  # one export per --out: a second would write it again
+        remove_stale_temporaries(out, ("partial",))  # of exports that were killed
+        if out.exists() and not overwrite:
+            raise FileExistsError(
+                f"{out}: exists; refusing to overwrite it (--overwrite replaces it)"
+            )
+        qtype, file_type, merge_dtype = TYPES[weight_type]
+        with _open_source(model, adapter, base, merge_dtype, progress) as source:
+            tmp = temporary_path(out, "partial")
+            try:
+                _write(tmp, source, qtype, file_type, progress)
+                os.chmod(tmp, 0o666 & ~umask())
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        fsync(out.parent)
     return out
 
 

@@ -17,6 +17,7 @@ folder of a merge that was killed is removed by the next merge into the same pla
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from transformers import GenerationConfig
 from data_prep.files import (
     fsync_tree,
     is_disk_full,
+    locked,
     readable_by_others,
     remove_stale_temporaries,
     replace_folder,
@@ -74,43 +76,54 @@ def merge(
     out = Path(out)
     info = check_adapter(adapter, base)
     say = _progress(progress)
-    for stale in remove_stale_temporaries(out, ("partial", "old")):
-        say(f"removed {stale}, left by a merge that was killed")
-    _check_out(out, overwrite, [info.path, info.base_path])
-    out_dtype = parse_dtype(dtype)
-    if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"dtype {dtype!r}: a merge writes bf16, fp16 or fp32 (--dtype)")
-    shard_bytes = _size_bytes(max_shard_size)
-    tokenizer = load_tokenizer(info.base_path)  # before the long load: a base without one fails now
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(out, "partial")
-    tmp.mkdir()
-    try:
-        say(f"loading {info.base} ({dtype_name(out_dtype)}, max_seq_len {info.max_seq_len})")
-        model = merged_model(info, out_dtype, progress)
-        say(f"writing {out}")
-        model.generation_config = GenerationConfig(
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-        )
-        model.save_pretrained(tmp, max_shard_size=shard_bytes)
-        _plain_mpt_config(tmp / "config.json")
-        tokenizer.save_pretrained(tmp)
-        _ready_for_serving(tmp, tokenizer.pad_token_id, info.max_seq_len)
-        write_record(tmp, merged_record(info, out_dtype))
-        (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
-        _seal(tmp)
-        replace_folder(tmp, out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(err):
-            raise OSError(
-                errno.ENOSPC,
-                f"{out.parent}: no space left on the disk; the merged checkpoint needs about "
-                f"{_model_size(info, out_dtype)} there (nothing was written)",
-            ) from err
-        raise
-    say(f"done in {time.perf_counter() - started:.0f} s: {out}")
-    return out
+    # One merge per --out: a second one would write the same folder again, and swap it in
+    # over the first's.
+    with locked(out, on_busy=functools.partial(_busy, out)):
+        for stale in remove_stale_temporaries(out, ("partial", "old")):
+            say(f"removed {stale}, left by a merge that was killed")
+        _check_out(out, overwrite, [info.path, info.base_path])
+        out_dtype = parse_dtype(dtype)
+        if out_dtype not in OUT_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: a merge writes bf16, fp16 or fp32 (--dtype)")
+        shard_bytes = _size_bytes(max_shard_size)
+        # Before the long load: a base without a tokenizer fails now.
+        tokenizer = load_tokenizer(info.base_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(out, "partial")
+        tmp.mkdir()
+        try:
+            say(f"loading {info.base} ({dtype_name(out_dtype)}, max_seq_len {info.max_seq_len})")
+            model = merged_model(info, out_dtype, progress)
+            say(f"writing {out}")
+            model.generation_config = GenerationConfig(
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+            )
+            model.save_pretrained(tmp, max_shard_size=shard_bytes)
+            _plain_mpt_config(tmp / "config.json")
+            tokenizer.save_pretrained(tmp)
+            _ready_for_serving(tmp, tokenizer.pad_token_id, info.max_seq_len)
+            write_record(tmp, merged_record(info, out_dtype))
+            (tmp / "README.md").write_text(model_card(info, out.name, out_dtype))
+            _seal(tmp)
+            replace_folder(tmp, out)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(err):
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{out.parent}: no space left on the disk; the merged checkpoint needs about "
+                    f"{_model_size(info, out_dtype)} there (nothing was written)",
+                ) from err
+            raise
+        say(f"done in {time.perf_counter() - started:.0f} s: {out}")
+        return out
+
+
+def _busy(out: Path, lock: Path) -> None:
+    raise FileExistsError(
+        f"{out}: another merge is writing it (it holds {lock}); wait for it to end, or choose "
+        "another --out"
+    )
 
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

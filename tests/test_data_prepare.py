@@ -160,7 +160,7 @@ def test_failed_write_keeps_the_old_dataset(tmp_path, sources, real_tokenizer_di
     with pytest.raises(OSError, match="disk full"):
         prepare(cfg, progress=False)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "instr.jsonl", "out", "repo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instr.jsonl", "out", "repo"]
 
 
 def test_full_disk_is_an_error_that_says_so_and_leaves_nothing(
@@ -176,7 +176,7 @@ def test_full_disk_is_an_error_that_says_so_and_leaves_nothing(
     monkeypatch.setattr(DatasetDict, "save_to_disk", fill_disk)
     with pytest.raises(OSError, match=f"no space left on the device holding {tmp_path} "):
         prepare(cfg, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "instr.jsonl", "repo"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["instr.jsonl", "repo"]
 
 
 def test_stale_temporary_folders_of_dead_processes_are_removed(

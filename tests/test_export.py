@@ -7,7 +7,10 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import socket
 import struct
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -469,3 +472,21 @@ def test_llama_cpp_logits_match_the_kit(llama_cpp, gguf_f16, merged, sp):
     # f16 weights and activations, and ggml's tanh GELU against the exact erf one.
     assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.98
+
+
+def test_a_second_export_to_the_same_file_is_refused_and_a_killed_ones_partial_removed(
+    merged, tmp_path
+):
+    from data_prep.files import locked
+
+    out = tmp_path / "m.gguf"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    partial = tmp_path / f".m.gguf.partial-{socket.gethostname()}-{dead.pid}"
+    partial.write_bytes(b"half a file")
+    with locked(out, on_busy=lambda lock: None):  # an export writing it
+        with pytest.raises(FileExistsError, match="another export is writing it"):
+            export_gguf(out, model=merged, progress=False)
+    assert partial.exists() and not out.exists()
+    export_gguf(out, model=merged, progress=False)
+    assert out.is_file() and not partial.exists()

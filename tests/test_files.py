@@ -64,3 +64,43 @@ def test_a_living_process_keeps_its_old_folder(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_a_lock_refuses_a_second_holder_and_leaves_no_file(tmp_path):
+    from data_prep.files import locked
+
+    target = tmp_path / "out"
+
+    def refuse(lock: Path) -> None:
+        raise RuntimeError(f"busy: {lock.name}")
+
+    with locked(target, on_busy=refuse):
+        assert (tmp_path / ".out.lock").is_file()
+        with pytest.raises(RuntimeError, match="busy: .out.lock"):
+            with locked(target, on_busy=refuse):
+                pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_waiter_whose_lock_file_was_removed_takes_the_new_one(tmp_path):
+    """The holder removes the file as it lets go: whoever waited on the removed file must
+    lock the path again, or a third process could hold the lock beside it."""
+    from contextlib import ExitStack
+
+    from data_prep.files import locked
+
+    target, first = tmp_path / "out", ExitStack()
+    first.enter_context(locked(target, on_busy=lambda lock: None))
+    seen = []
+
+    def holder_leaves(lock: Path) -> None:  # B waits; meanwhile A ends
+        seen.append(lock.stat().st_ino)
+        first.close()
+
+    with locked(target, on_busy=holder_leaves):
+        assert len(seen) == 1
+        assert (tmp_path / ".out.lock").is_file()  # B's own file, not the removed one
+        with pytest.raises(RuntimeError):
+            with locked(target, on_busy=lambda lock: (_ for _ in ()).throw(RuntimeError())):
+                pass
+    assert list(tmp_path.iterdir()) == []

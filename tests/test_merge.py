@@ -430,3 +430,15 @@ def test_dora_and_pattern_adapters_as_peft_saves_them_pass(base, tmp_path, setti
     made = make_adapter(base, tmp_path / "adapter", **settings)
     info = check_adapter(made)
     assert {k: info.config[k] for k in settings} == settings
+
+
+def test_a_second_merge_into_the_same_folder_is_refused(adapter, tmp_path):
+    from data_prep.files import locked
+
+    out = tmp_path / "model"
+    with locked(out, on_busy=lambda lock: None):  # a merge writing it
+        with pytest.raises(FileExistsError, match="another merge is writing it"):
+            merge(adapter, out, progress=False)
+    assert not out.exists()
+    merge(adapter, out, progress=False)
+    assert (out / "config.json").is_file()

@@ -58,8 +58,9 @@ def test_overwrite_never_removes_what_no_run_writes(tmp_path):
 def test_what_prep_leaves_beside_the_data_is_no_run_and_overwrite_keeps_it(
     tmp_path, real_tokenizer_dir
 ):
-    """`replit-ft prep RECIPE` writes data/ and its lock beside it; then `train RECIPE` starts,
-    and `train.overwrite=true` keeps both, and a prep's temporary folder (it may be running)."""
+    """`replit-ft prep RECIPE` writes data/ (and, while it runs, its lock and temporaries
+    beside it); then `train RECIPE` starts, and `train.overwrite=true` keeps the data, the
+    lock and a prep's temporary folder (it may be running)."""
     from data_prep.prepare import PrepConfig, prepare
     from data_prep.settings import build
 
@@ -69,8 +70,9 @@ def test_what_prep_leaves_beside_the_data_is_no_run_and_overwrite_keeps_it(
     settings = {"code": [str(tmp_path / "src")], "tokenizer": str(real_tokenizer_dir)}
     prepare(build(PrepConfig, settings | {"out": str(run.data), "seq_len": 64}), progress=False)
     (run.path / ".data.tmp-otherhost-123").mkdir()  # another host's prep, still writing
+    (run.path / ".data.lock").touch()  # and its lock
     kept = sorted(p.name for p in run.path.iterdir())
-    assert len(kept) > 2  # prep's lock file at least: there is something to keep
+    assert kept == [".data.lock", ".data.tmp-otherhost-123", "data"]
     run.check_fresh(overwrite=False)
     fake_checkpoint(run, 2)
     (run.path / "recipe.yaml").write_text("train: {}")

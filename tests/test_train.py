@@ -260,8 +260,8 @@ def test_a_fresh_run_into_an_earlier_run_is_refused_and_writes_nothing(tmp_path,
 def test_a_second_launch_into_a_folder_in_training_is_refused(tmp_path, finished):
     """What a command run twice, or a resume while the run still trains, would meet."""
     recipe = load_recipe(copy_of(finished, tmp_path), ["train.resume=true"])
-    before = snapshot(tmp_path)
     with RunFolder(tmp_path / "run").exclusive():  # the launch training there
+        before = snapshot(tmp_path)
         with pytest.raises(RunFolderError, match="another launch is training here"):
             train(recipe, quiet=True)
         assert snapshot(tmp_path) == before
