@@ -63,7 +63,6 @@ too: there attention is sdpa and offloading only copies) to check the script its
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -547,7 +546,6 @@ def levers(run: Run) -> dict[str, Any]:
 
     model = run.ours()
     base = model.get_base_model()
-    impl = base.attn_impl
     stick = run.record("levers", "yardstick", yardstick(run, model))
     tolerance = 1.5 * stick["dloss"] + 1e-3
     print(f"  yardstick {stick}: lever tolerance {tolerance:.4f}", flush=True)
@@ -558,18 +556,10 @@ def levers(run: Run) -> dict[str, Any]:
         )
     run.record("levers", "ceilings", ceilings)
     print(f"  ceilings {ceilings}", flush=True)
-    plans = [(lever, shape) for lever in ("sdpa", "no_ckpt") for shape in run.shapes[lever]]
-    plans += [
+    plans = [
         (lever, shape)
-        for lever in (
-            "bf16_blocks",
-            "bf16_residual",
-            "fused_lora",
-            "fused_lora_w",
-            "keep_attn",
-            "compile",
-        )
-        for shape in run.shapes["levers"]
+        for lever in lv.LEVERS
+        for shape in run.shapes[lever if lever in run.shapes else "levers"]
     ]
     table = []
     for lever, (rows, length) in plans:
@@ -584,24 +574,8 @@ def levers(run: Run) -> dict[str, Any]:
         if "losses" not in before:
             run.record("levers", name, {"skipped": "no run without the lever to compare with"})
             continue
-        if lever == "sdpa":
-            base.attn_impl = "sdpa"
-            context = contextlib.nullcontext()
-        elif lever == "no_ckpt":
-            context = lv.checkpointing_off(base)
-        elif lever.startswith("bf16_"):
-            context = lv.bf16_activations(base, residual=lever == "bf16_residual")
-        elif lever.startswith("fused_lora"):
-            context = lv.fused_lora(base, keep_weight=lever == "fused_lora_w")
-        elif lever == "keep_attn":
-            context = lv.attention_output_kept(base)
-        else:
-            context = lv.compiled_blocks(base)
-        try:
-            with context:
-                r = run.measure(model, rows, length, lever)
-        finally:
-            base.attn_impl = impl
+        with lv.LEVERS[lever](base):
+            r = run.measure(model, rows, length, lever)
         r.update(compare(before, r, tolerance))
         run.record("levers", name, r)
         cells = figure_cells(r)

@@ -53,7 +53,7 @@ import contextlib
 import functools
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -108,29 +108,18 @@ def _forward_keeping_attention(self, x, layout, attn_impl, cache=None):
     return checkpoint(rest, x, out, use_reentrant=False)
 
 
-@contextlib.contextmanager
-def attention_output_kept(base: torch.nn.Module) -> Iterator[None]:
-    """Selective checkpointing that keeps attention's output; needs checkpointing on."""
+def _checkpointed_blocks(base: torch.nn.Module, lever: str) -> list[torch.nn.Module]:
+    """The blocks, whose checkpointing `lever` replaces: it must be on."""
     blocks = list(base.transformer.blocks)
     if not all(getattr(b, "gradient_checkpointing", False) for b in blocks):
-        raise ValueError("attention_output_kept replaces block checkpointing: turn it on first")
-    for block in blocks:
-        block.gradient_checkpointing = False
-        block.forward = types.MethodType(_forward_keeping_attention, block)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward
-            block.gradient_checkpointing = True
+        raise ValueError(f"{lever} replaces block checkpointing: turn it on first")
+    return blocks
 
 
 @contextlib.contextmanager
 def checkpointing_off(base: torch.nn.Module) -> Iterator[None]:
     """Activation checkpointing off for the steps inside; needs it on before."""
-    blocks = list(base.transformer.blocks)
-    if not all(getattr(b, "gradient_checkpointing", False) for b in blocks):
-        raise ValueError("checkpointing_off compares against checkpointing: turn it on first")
+    blocks = _checkpointed_blocks(base, "checkpointing_off")
     for block in blocks:
         block.gradient_checkpointing = False
     try:
@@ -138,6 +127,32 @@ def checkpointing_off(base: torch.nn.Module) -> Iterator[None]:
     finally:
         for block in blocks:
             block.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
+def attention_output_kept(base: torch.nn.Module) -> Iterator[None]:
+    """Selective checkpointing that keeps attention's output; needs checkpointing on."""
+    _checkpointed_blocks(base, "attention_output_kept")
+    with checkpointing_off(base):
+        blocks = list(base.transformer.blocks)
+        for block in blocks:
+            block.forward = types.MethodType(_forward_keeping_attention, block)
+        try:
+            yield
+        finally:
+            for block in blocks:
+                del block.forward
+
+
+@contextlib.contextmanager
+def attention_backend(base: torch.nn.Module, impl: str) -> Iterator[None]:
+    """Attention through backend `impl` for the steps inside (`sdpa`: what `auto` choosing
+    it for short rows would give)."""
+    saved, base.attn_impl = base.attn_impl, impl
+    try:
+        yield
+    finally:
+        base.attn_impl = saved
 
 
 def _autocast_dtype_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,6 +267,19 @@ def fused_lora(base: torch.nn.Module, keep_weight: bool) -> Iterator[None]:
     finally:
         for layer in layers:
             del layer.forward
+
+
+# Each lever bench/gpu.py measures, by name, as a context manager on the kit's model.
+LEVERS: dict[str, Callable[[torch.nn.Module], contextlib.AbstractContextManager]] = {
+    "sdpa": functools.partial(attention_backend, impl="sdpa"),
+    "no_ckpt": checkpointing_off,
+    "bf16_blocks": functools.partial(bf16_activations, residual=False),
+    "bf16_residual": functools.partial(bf16_activations, residual=True),
+    "fused_lora": functools.partial(fused_lora, keep_weight=False),
+    "fused_lora_w": functools.partial(fused_lora, keep_weight=True),
+    "keep_attn": attention_output_kept,
+    "compile": compiled_blocks,
+}
 
 
 def _seconds(fn, repeats: int = 5) -> float:

@@ -93,17 +93,13 @@ def measure_all(path: str, ids: torch.Tensor) -> dict[tuple[str, bool], tuple[in
 def _ours(path: str, ids: torch.Tensor) -> dict[tuple[str, bool], tuple[int, int]]:
     model = build_qlora("ours", path, ids.shape[1], "bf16", "cpu", 0.05).train()
     base = model.get_base_model()
-    levers = {
-        "kit": contextlib.nullcontext,
-        "bf16_blocks": lambda: lv.bf16_activations(base, residual=False),
-        "bf16_residual": lambda: lv.bf16_activations(base, residual=True),
-        "fused_lora": lambda: lv.fused_lora(base, keep_weight=False),
-    }
+    levers = {"kit": lambda base: contextlib.nullcontext()}
+    levers |= {name: lv.LEVERS[name] for name in ("bf16_blocks", "bf16_residual", "fused_lora")}
     out = {}
     for checkpointing in (True, False):
         for name, lever in levers.items():
             off = contextlib.nullcontext() if checkpointing else lv.checkpointing_off(base)
-            with off, lever():
+            with off, lever(base):
                 out[name, checkpointing] = saved_bytes(model, ids)
     return out
 
