@@ -75,20 +75,19 @@ def merge(
     started = time.perf_counter()
     out = Path(out)
     info = check_adapter(adapter, base)
+    out_dtype = parse_dtype(dtype)
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: a merge writes bf16, fp16 or fp32 (--dtype)")
+    shard_bytes = _size_bytes(max_shard_size)
     say = _progress(progress)
     # One merge per --out: a second one would write the same folder again, and swap it in
-    # over the first's.
+    # over the first's. (The lock makes out's parent folder.)
     with locked(out, on_busy=functools.partial(_busy, out)):
         for stale in remove_stale_temporaries(out, ("partial", "old")):
             say(f"removed {stale}, left by a merge that was killed")
         _check_out(out, overwrite, [info.path, info.base_path])
-        out_dtype = parse_dtype(dtype)
-        if out_dtype not in OUT_DTYPES:
-            raise ValueError(f"dtype {dtype!r}: a merge writes bf16, fp16 or fp32 (--dtype)")
-        shard_bytes = _size_bytes(max_shard_size)
         # Before the long load: a base without a tokenizer fails now.
         tokenizer = load_tokenizer(info.base_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_path(out, "partial")
         tmp.mkdir()
         try:
