@@ -118,17 +118,15 @@ class RunFolder:
                 f"{lock}); wait for it to end, or choose another train.output_dir"
             )
 
-        if self.path.exists() and not self.path.is_dir():
-            raise RunFolderError(f"train.output_dir {self.path} exists and is not a folder")
+        self._refuse_a_file()  # before the lock makes the folder
         with locked(self.path / _LOCKED, on_busy=refuse):
             yield
 
     def check_fresh(self, overwrite: bool) -> None:
         """Refuse to start a fresh run over an earlier one (or over files a run did not write)."""
+        self._refuse_a_file()
         if not self.path.exists():
             return
-        if not self.path.is_dir():
-            raise RunFolderError(f"train.output_dir {self.path} exists and is not a folder")
         foreign = sorted(p.name for p in self.path.iterdir() if not self._owns(p))
         if foreign:
             raise RunFolderError(
@@ -142,6 +140,10 @@ class RunFolder:
                 "train.resume=true, or replace it with train.overwrite=true (the prepared "
                 "data is kept)"
             )
+
+    def _refuse_a_file(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"train.output_dir {self.path} exists and is not a folder")
 
     def clear(self) -> None:
         """Remove an earlier run's files (what `overwrite` replaces); the data stays."""

@@ -257,6 +257,14 @@ def test_a_fresh_run_into_an_earlier_run_is_refused_and_writes_nothing(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, base):
+    recipe = write_recipe(tmp_path, base, train={"output_dir": str(tmp_path / "taken")})
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(RunFolderError, match=r"taken exists and is not a folder"):
+        train(load_recipe(recipe), quiet=True)
+    assert (tmp_path / "taken").read_text() == "mine" and not (tmp_path / "data").exists()
+
+
 def test_a_second_launch_into_a_folder_in_training_is_refused(tmp_path, finished):
     """What a command run twice, or a resume while the run still trains, would meet."""
     recipe = load_recipe(copy_of(finished, tmp_path), ["train.resume=true"])
