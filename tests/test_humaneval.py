@@ -206,6 +206,16 @@ def journal_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()]
 
 
+def interrupted(small, sandbox, out: Path, generate_calls) -> list[int]:
+    """An eval of the first five problems into `out`, stopped (as a kill would stop it) in
+    its second generate call; returns the calls' prompt counts."""
+    model, tokenizer = small
+    calls = generate_calls(fail_at=2)
+    with pytest.raises(RuntimeError, match="interrupted at batch 2"):
+        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    return calls
+
+
 def test_an_interrupted_generation_resumes_where_it_stopped(
     small, sandbox, tmp_path, generate_calls
 ):
@@ -216,9 +226,7 @@ def test_an_interrupted_generation_resumes_where_it_stopped(
     want = (tmp_path / "whole" / "samples.jsonl").read_text()
     completions = [json.loads(line)["completion"] for line in want.splitlines()]
     out = tmp_path / "out"
-    generate_calls(fail_at=2)
-    with pytest.raises(RuntimeError, match="interrupted at batch 2"):
-        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    interrupted(small, sandbox, out, generate_calls)
     header, *first = journal_lines(out)
     prompts = [p["prompt"] for p in load_problems(5)]
     longest = sorted(range(5), key=lambda i: -len(prompts[i]))[:2]
@@ -241,9 +249,7 @@ def test_a_cut_last_line_is_ignored_and_its_batch_generated_again(
 ):
     model, tokenizer = small
     out = tmp_path / "out"
-    generate_calls(fail_at=2)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    interrupted(small, sandbox, out, generate_calls)
     header, *first = journal_lines(out)
     done = {r["index"] for r in first}
     prompts = [p["prompt"] for p in load_problems(5)]
@@ -253,9 +259,7 @@ def test_a_cut_last_line_is_ignored_and_its_batch_generated_again(
     cut = json.dumps({"job": header["job"], "index": second[1], "completion": "x"})[:25]
     with open(out / JOURNAL, "a") as file:
         file.write(line + cut)
-    calls = generate_calls(fail_at=2)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    calls = interrupted(small, sandbox, out, generate_calls)
     assert calls == [2, 1]  # the second batch whole (not all on disk), then the interrupted one
     lines = journal_lines(out)  # every line whole: the cut one was cut off before appending
     assert [r["index"] for r in lines[1:]] == [*[r["index"] for r in first], second[0], *second]
@@ -275,9 +279,7 @@ def test_a_journal_of_other_settings_is_refused_or_restarted(
 ):
     model, tokenizer = small
     out = tmp_path / "out"
-    generate_calls(fail_at=2)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_loaded(out, sandbox, model, tokenizer, {"model": "base"}, FIVE, 5, progress=False)
+    interrupted(small, sandbox, out, generate_calls)
     before = (out / JOURNAL).read_bytes()
     other = Decoding(max_new_tokens=7, batch_size=2)
     calls = generate_calls()
