@@ -99,6 +99,19 @@ def locked(target: Path, on_busy: Callable[[Path], None]) -> Iterator[None]:
             lock.unlink(missing_ok=True)
 
 
+def refuse_second(out: Path, writer: str) -> Callable[[Path], None]:
+    """`locked`'s `on_busy` for an output that one process writes at a time: refuse, naming
+    `out`, the `writer` ("merge", "export") that holds it and the way on."""
+
+    def refuse(lock: Path) -> None:
+        raise FileExistsError(
+            f"{out}: another {writer} is writing it (it holds {lock}); wait for it to end, or "
+            "choose another --out"
+        )
+
+    return refuse
+
+
 def _is_file_at(file, path: Path) -> bool:
     """Whether the open `file` is still the file at `path` (not removed or replaced)."""
     try:

@@ -28,7 +28,14 @@ from gguf import GGMLQuantizationType as Q
 from tqdm.auto import tqdm
 from transformers import MptConfig
 
-from data_prep.files import fsync, locked, remove_stale_temporaries, temporary_path, umask
+from data_prep.files import (
+    fsync,
+    locked,
+    refuse_second,
+    remove_stale_temporaries,
+    temporary_path,
+    umask,
+)
 from finetune.gguf_vocab import GGUFVocab, gguf_vocab
 from finetune.run_folder import RECORD, read_record
 from model.checkpoint import (
@@ -92,14 +99,8 @@ def export_gguf(
     out = Path(out)
     if out.is_dir():
         raise FileExistsError(f"{out}: is a folder; --out names the .gguf file to write")
-
-    def busy(lock: Path) -> None:
-        raise FileExistsError(
-            f"{out}: another export is writing it (it holds {lock}); wait for it to end, or "
-            "choose another --out"
-        )
-
-    with locked(out, on_busy=busy):  # one export per --out: a second would write it again
+    # One export per --out: a second would write it again.
+    with locked(out, on_busy=refuse_second(out, "export")):
         remove_stale_temporaries(out, ("partial",))  # of exports that were killed
         if out.exists() and not overwrite:
             raise FileExistsError(

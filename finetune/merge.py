@@ -17,7 +17,6 @@ folder of a merge that was killed is removed by the next merge into the same pla
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import math
 import os
@@ -43,6 +42,7 @@ from data_prep.files import (
     is_disk_full,
     locked,
     readable_by_others,
+    refuse_second,
     remove_stale_temporaries,
     replace_folder,
     temporary_path,
@@ -82,7 +82,7 @@ def merge(
     say = _progress(progress)
     # One merge per --out: a second one would write the same folder again, and swap it in
     # over the first's. (The lock makes out's parent folder.)
-    with locked(out, on_busy=functools.partial(_busy, out)):
+    with locked(out, on_busy=refuse_second(out, "merge")):
         for stale in remove_stale_temporaries(out, ("partial", "old")):
             say(f"removed {stale}, left by a merge that was killed")
         _check_out(out, overwrite, [info.path, info.base_path])
@@ -116,13 +116,6 @@ def merge(
             raise
         say(f"done in {time.perf_counter() - started:.0f} s: {out}")
         return out
-
-
-def _busy(out: Path, lock: Path) -> None:
-    raise FileExistsError(
-        f"{out}: another merge is writing it (it holds {lock}); wait for it to end, or choose "
-        "another --out"
-    )
 
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
